@@ -1,0 +1,31 @@
+"""qlora70: a from-scratch QLoRA library (NF4 + double quantization, LoRA, Triton kernels) for Llama-2."""
+from setuptools import setup
+
+setup(
+    name="qlora70",
+    version="0.1.0",
+    description="From-scratch QLoRA for Llama-2: NF4 + double quantization, LoRA, Triton kernels, medical QA evaluation",
+    python_requires=">=3.10",
+    # kernels/ is installed as qlora70.kernels, never as a top-level `kernels` package (that name is taken on PyPI).
+    packages=["qlora70", "qlora70.kernels", "qlora70.tasks"],
+    package_dir={"qlora70": "qlora70", "qlora70.kernels": "kernels", "qlora70.tasks": "qlora70/tasks"},
+    package_data={"qlora70": ["data/*", "data/*/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.4; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "sentencepiece>=0.1.99",
+        "numpy>=1.24",
+        "gguf>=0.10",        # read/write llama.cpp GGUF files
+        "tokenizers>=0.15",  # byte-level BPE (tokenizer.json) parity
+        "tqdm>=4.60",        # progress bars
+        "matplotlib>=3.7",   # loss curves and benchmark plots
+    ],
+    extras_require={
+        # Reference oracles: used by tests only, never imported by the library.
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=0.34"],
+        "demo": [],
+    },
+    entry_points={"console_scripts": ["qlora70=qlora70.cli:main"]},
+)
