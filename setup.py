@@ -9,8 +9,6 @@ setup(
     # kernels/ is installed as qlora70.kernels, never as a top-level `kernels` package (that name is taken on PyPI).
     packages=["qlora70", "qlora70.kernels", "qlora70.tasks"],
     package_dir={"qlora70": "qlora70", "qlora70.kernels": "kernels", "qlora70.tasks": "qlora70/tasks"},
-    package_data={"qlora70": ["data/*", "data/*/*"]},
-    include_package_data=True,
     install_requires=[
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",

@@ -1,0 +1,173 @@
+"""Configuration dataclasses: model shape (`LlamaConfig`), adapters (`LoRAConfig`), training (`TrainConfig`).
+
+Field names follow HF's `LlamaConfig` so `config.json` maps one-to-one; every config validates in `__post_init__`
+and raises `ValueError` naming the offending field and value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama-architecture decoder. Names mirror HF `config.json`."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None -> equal to num_attention_heads (MHA)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"LlamaConfig.{f} must be a positive int, got {v!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
+                                 f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A named size ("llama2-7b", "llama2-13b", "llama2-70b", "smollm2-135m", "tiny") with field overrides."""
+        key = name.lower().replace("_", "-")
+        if key not in _NAMED:
+            raise ValueError(f"unknown model name {name!r}; known: {sorted(_NAMED)}")
+        kw = dict(_NAMED[key])
+        kw.update(overrides)
+        kw.setdefault("name", key)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict) -> "LlamaConfig":
+        """Read an HF Llama `config.json` (a path to the file or its directory, or the parsed dict)."""
+        if isinstance(path_or_dict, dict):
+            d, where = path_or_dict, "config dict"
+        else:
+            p = os.fspath(path_or_dict)
+            if os.path.isdir(p):
+                p = os.path.join(p, "config.json")
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p}: config.json not found; an HF Llama directory needs one")
+            try:
+                with open(p, encoding="utf-8") as fh:
+                    d = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: not valid JSON ({e})") from None
+            where = p
+        arch = d.get("model_type", "llama")
+        if arch not in ("llama", "mistral"):
+            raise ValueError(f"{where}: model_type={arch!r} is not a Llama-architecture model")
+        if d.get("rope_scaling"):
+            raise ValueError(f"{where}: rope_scaling={d['rope_scaling']!r} is not supported yet")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and k != "name"}
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        if kw.get("head_dim") is None:
+            kw.pop("head_dim", None)
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in kw]
+        if missing:
+            raise ValueError(f"{where}: missing required keys {missing}")
+        kw["name"] = d.get("_name_or_path") or "hf"
+        if isinstance(kw.get("torch_dtype"), str) is False:
+            kw.pop("torch_dtype", None)
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """The HF `config.json` dict (architectures LlamaForCausalLM)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
+                 mlp_bias=False, attention_dropout=0.0, initializer_range=0.02, use_cache=True, rope_scaling=None,
+                 pretraining_tp=1)
+        return d
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        h, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        kv = self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
+        n = L * per_layer + h
+        if include_embeddings:
+            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return n
+
+
+_NAMED: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True,
+                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapter settings. scale = alpha / r (or alpha / sqrt(r) with use_rslora)."""
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = LLAMA_TARGETS
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig.alpha must be > 0, got {self.alpha!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise ValueError("LoRAConfig.targets is empty; name at least one module, e.g. ('q_proj', 'v_proj')")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5) if self.use_rslora else self.alpha / self.r

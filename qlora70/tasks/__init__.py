@@ -1,0 +1,1 @@
+"""Evaluation tasks: MedQA-USMLE, PubMedQA, USMLE self-assessment, generic multiple-choice JSONL."""
