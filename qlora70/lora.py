@@ -1,0 +1,359 @@
+"""LoRA: `LoRALinear`, `inject_lora`, `merge_lora`, and PEFT-format adapter files (`save_adapter` / `load_adapter`).
+
+A targeted linear (plain `nn.Linear` or 4-bit `Linear4bit`) is replaced by a `LoRALinear` that owns it as `base_layer`
+(frozen) plus two small fp32 matrices: y = base(x) + lora_B(lora_A(dropout(x))) * scale, scale = alpha / r
+(alpha / sqrt(r) with rsLoRA). Module names mirror PEFT (`q_proj.base_layer`, `q_proj.lora_A`, `q_proj.lora_B`), and
+the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .config import LoRAConfig
+from .layers import Linear4bit
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_BASE_TYPES = (nn.Linear, Linear4bit)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update.
+
+    x (..., in) -> base(x) + lora_B(lora_A(dropout(x))) * scale, shape (..., out). lora_A [r, in] is Kaiming-uniform
+    (a = sqrt(5), as PEFT), lora_B [out, r] is zero, so a fresh adapter leaves the output unchanged. LoRA weights are
+    fp32 (master weights); the branch runs in the input's dtype (or the autocast dtype) and is added in the base output's
+    dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, _BASE_TYPES):
+            raise TypeError(f"LoRALinear wraps nn.Linear or Linear4bit, got {type(base_layer).__name__}")
+        LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)  # validates, raises ValueError
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
+        self.scale = self.alpha / math.sqrt(r) if use_rslora else self.alpha / r
+        dev = next(base_layer.parameters()).device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.reset_lora_parameters()
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def reset_lora_parameters(self) -> None:
+        """A: Kaiming-uniform(a=sqrt(5)) as PEFT; B: zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        y = self.base_layer(x)
+        a = self.lora_A.weight
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(a.dtype)  # fp32 branch outside autocast (the LoRA weights are fp32)
+        delta = self.lora_B(self.lora_A(h))  # (..., r) -> (..., out)
+        return y + (delta * self.scale).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, fp32 [out, in]."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight [out, in] in `dtype` (dequantized when 4-bit)."""
+        b = self.base_layer
+        return b.dequantize(dtype) if isinstance(b, Linear4bit) else b.weight.detach().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
+
+
+# ---- injection --------------------------------------------------------------------------------------------------
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of targets: the full name equals the target or ends with '.' + target."""
+    return name == target or name.endswith("." + target)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, module) of every `LoRALinear` in `model`, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Replace every linear whose name ends with a target (e.g. "q_proj") by a `LoRALinear`, in place; freeze the rest.
+
+    Afterwards only LoRA parameters require grad. Raises ValueError naming the available linear layers when a target
+    matches nothing, and when the model already has LoRA layers. Returns `model`.
+    """
+    if not isinstance(cfg, LoRAConfig):
+        raise TypeError(f"inject_lora expects a LoRAConfig, got {type(cfg).__name__}")
+    if any(True for _ in lora_modules(model)):
+        raise ValueError("inject_lora: the model already has LoRA layers; merge them (merge_lora) or start from a "
+                         "fresh base model")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, _BASE_TYPES)]
+    chosen = [(n, m) for n, m in linears if any(_matches(n, t) for t in cfg.targets)]
+    unmatched = [t for t in cfg.targets if not any(_matches(n, t) for n, _ in chosen)]
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ValueError(f"inject_lora: target(s) {unmatched} match no linear layer of the model; linear layer names "
+                         f"end with {suffixes} (e.g. {[n for n, _ in linears[:3]]})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in chosen:
+        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+    model.lora_config = cfg  # recorded for save_adapter / checkpoints
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, param) of the parameters that require grad."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter in PEFT's key layout: `base_model.model.<module>.lora_{A,B}.weight` -> fp32 CPU tensor."""
+    sd = {}
+    for name, m in lora_modules(model):
+        sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
+        sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+    return sd
+
+
+def get_lora_config(model: nn.Module) -> LoRAConfig:
+    """The LoRAConfig of an injected model (recorded by inject_lora, else read back from its LoRA layers)."""
+    mods = list(lora_modules(model))
+    if not mods:
+        raise ValueError("the model has no LoRA layers; call inject_lora(model, LoRAConfig(...)) first")
+    cfg = getattr(model, "lora_config", None)
+    if isinstance(cfg, LoRAConfig):
+        return cfg
+    m0 = mods[0][1]
+    targets = tuple(sorted({n.rsplit(".", 1)[-1] for n, _ in mods}))
+    return LoRAConfig(r=m0.r, alpha=m0.alpha, dropout=m0.dropout, targets=targets, use_rslora=m0.use_rslora)
+
+
+# ---- merge -----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize: bool = False,
+               cast_model: bool = True) -> nn.Module:
+    """Fold every LoRA update into its base, in place: W = dequant(W0) + scale * B @ A in fp32, stored in `dtype`.
+
+    Each `LoRALinear` becomes a plain `nn.Linear` in `dtype` (or, only with `requantize=True`, a `Linear4bit` quantized
+    from the merged weight). With `cast_model`, the other floating parameters (norms, embeddings, untargeted plain
+    linears; not the 4-bit ones) are cast to `dtype` too so the model runs in one dtype. Returns `model`.
+    """
+    mods = list(lora_modules(model))
+    if not mods:
+        raise ValueError("merge_lora: the model has no LoRA layers to merge")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"merge_lora: dtype must be float32/float16/bfloat16, got {dtype}")
+    for name, m in mods:
+        b = m.base_layer
+        w = m.base_weight(torch.float32) + m.delta_weight().to(b.weight.device)  # (out, in) fp32
+        bias = None if b.bias is None else b.bias.detach()
+        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device, dtype=dtype)
+        lin.weight.copy_(w.to(dtype))
+        if bias is not None:
+            lin.bias.copy_(bias.to(dtype))
+        if requantize:
+            lin = Linear4bit.from_linear(lin, blocksize=b.quant.blocksize if isinstance(b, Linear4bit) else 64,
+                                         double_quant=(b.quant.double_quant if isinstance(b, Linear4bit) else True))
+        lin.requires_grad_(False)
+        _set_submodule(model, name, lin)
+    if cast_model:
+        for mod in model.modules():
+            if isinstance(mod, Linear4bit):
+                continue
+            for pn, p in mod.named_parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype:
+                    setattr(mod, pn, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+# ---- PEFT adapter files ----------------------------------------------------------------------------------------
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file in the same directory, then os.replace)."""
+    from safetensors.torch import save
+
+    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def atomic_save_json(obj: Any, path: str) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def adapter_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None = None) -> dict:
+    """PEFT's `adapter_config.json` for a LoRA adapter on a causal LM."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none",
+        "use_rslora": cfg.use_rslora, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
+    """Write the adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`); returns the dir."""
+    out_dir = os.fspath(out_dir)
+    cfg = get_lora_config(model)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_save_safetensors(lora_state_dict(model), os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    atomic_save_json(adapter_config_dict(cfg, base_model_name_or_path), os.path.join(out_dir, ADAPTER_CONFIG))
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Parse a PEFT `adapter_config.json` into a LoRAConfig; ValueError for what this library cannot represent."""
+    path = os.path.join(os.fspath(adapter_dir), ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; an adapter directory needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = {"bias": ("none", None), "use_dora": (False, None), "fan_in_fan_out": (False, None),
+                   "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+                   "layers_to_transform": (None,), "target_parameters": (None, [])}
+    for k, ok in unsupported.items():
+        if k in d and d[k] not in ok:
+            raise ValueError(f"{path}: {k}={d[k]!r} is not supported (expected {ok[0]!r})")
+    targets = d.get("target_modules")
+    if isinstance(targets, str):
+        raise ValueError(f"{path}: target_modules={targets!r} is a regex/keyword; only a list of module names "
+                         "(e.g. ['q_proj', 'v_proj']) is supported")
+    try:
+        return LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
+                          targets=tuple(targets or ()), use_rslora=bool(d.get("use_rslora", False)))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model` (injecting LoRA first if the model has none). Returns `model`.
+
+    Validates r, alpha, targets and every tensor's key and shape against the model and raises ValueError naming the
+    file and the mismatch (an adapter of another model or LoRA config never loads silently).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = os.fspath(adapter_dir)
+    cfg = read_adapter_config(adapter_dir)
+    wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"{wpath} not found (adapter_model.bin pickles are not read; re-save as safetensors)")
+    try:
+        sd = load_file(wpath)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{wpath}: not a readable safetensors file ({e})") from None
+    if any(True for _ in lora_modules(model)):
+        have = get_lora_config(model)
+        diffs = [f"{k}: model {a!r} vs adapter {b!r}" for k, a, b in
+                 (("r", have.r, cfg.r), ("alpha", float(have.alpha), float(cfg.alpha)),
+                  ("targets", sorted(have.targets), sorted(cfg.targets)),
+                  ("use_rslora", have.use_rslora, cfg.use_rslora)) if a != b]
+        if diffs:
+            raise ValueError(f"{adapter_dir}: adapter LoRA config differs from the model's LoRA layers ({'; '.join(diffs)})")
+    else:
+        inject_lora(model, cfg)
+    expected = {}
+    for name, m in lora_modules(model):
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (m.lora_A.weight, (m.r, m.in_features))
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.lora_B.weight, (m.out_features, m.r))
+    # PEFT may store keys with the adapter name ("lora_A.default.weight"); accept that spelling too
+    sd = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in sd.items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{wpath}: adapter keys do not match the model (missing {len(missing)}: {missing[:3]}, "
+                         f"unexpected {len(unexpected)}: {unexpected[:3]}); it was trained for another model or with "
+                         "other target modules")
+    for k, (param, shape) in expected.items():
+        t = sd[k]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{wpath}: {k} has shape {tuple(t.shape)} but the model needs {shape} "
+                             "(another model size or LoRA rank)")
+        if not t.is_floating_point():
+            raise ValueError(f"{wpath}: {k} has dtype {t.dtype}; expected a float tensor")
+        param.copy_(t.to(param.dtype))
+    model.lora_config = cfg
+    return model
+
+
+def save_merged(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                format: str = "hf", gguf_type: str = "f16", inplace: bool = False, **kwargs: Any) -> str:
+    """Merge the adapter and write a deployable checkpoint: `format` "hf" (standard HF Llama safetensors in `dtype`),
+    "bnb4" (re-quantized NF4 in the bitsandbytes layout; explicit) or "gguf" (`gguf_type` "f16" | "q8_0").
+
+    Without `inplace` the model is deep-copied first (the caller's adapter model stays usable); with `inplace=True`
+    no copy is made (needed for models that fill the memory). Extra kwargs go to the checkpoint writer. Returns the
+    path written (a directory, or the .gguf file).
+    """
+    import copy
+
+    from . import checkpoint
+
+    formats = ("hf", "bnb4", "gguf")
+    if format not in formats:
+        raise ValueError(f"save_merged: format must be one of {formats}, got {format!r}")
+    if not any(True for _ in lora_modules(model)):
+        raise ValueError("save_merged: the model has no LoRA layers; use qlora70.checkpoint.save_hf for a plain model")
+    m = model if inplace else copy.deepcopy(model)
+    if format == "bnb4":
+        merge_lora(m, dtype=dtype, requantize=True)
+        return checkpoint.save_quantized(m, out_dir, **kwargs)
+    merge_lora(m, dtype=dtype)
+    if format == "gguf":
+        if not hasattr(checkpoint, "export_gguf"):
+            raise ValueError("save_merged(format='gguf') needs qlora70.checkpoint.export_gguf, which this build lacks")
+        return checkpoint.export_gguf(m, out_dir, gguf_type=gguf_type, **kwargs)
+    return checkpoint.save_hf(m, out_dir, **kwargs)
