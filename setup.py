@@ -24,6 +24,8 @@ setup(
         # Reference oracles: used by tests only, never imported by the library.
         "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=0.34"],
         "demo": [],
+        # Benchmark peers (optional): torchao's NF4Tensor.
+        "bench": ["torchao"],
     },
     entry_points={"console_scripts": ["qlora70=qlora70.cli:main"]},
 )

@@ -56,7 +56,10 @@ def _peers(device):
     except Exception as e:  # pragma: no cover
         print(f"[bench] bitsandbytes unavailable: {e}")
     try:
-        from torchao.dtypes.nf4tensor import to_nf4
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            from torchao.dtypes.nf4tensor import to_nf4
 
         peers["torchao"] = (lambda w: to_nf4(w, 64, 256), lambda t: t.get_original_weight())
     except Exception:

@@ -363,14 +363,16 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     out = torch.empty(n, dtype=dtype, device=q.device)
     nbytes = packed.numel()
     chunk = nbytes if q.device.type != "cpu" else min(nbytes, _DEQUANT_CHUNK_BYTES)  # multiple of bs // 2
-    scratch = torch.empty(chunk, 2, dtype=torch.float32, device=q.device)
+    # Each byte's two fp32 code values viewed as one int64: a 1-D table lookup is ~7x faster than a row gather.
+    lut64 = lut.contiguous().view(torch.int64).view(-1)  # (256,)
+    scratch = torch.empty(chunk, dtype=torch.int64, device=q.device)
     idx = torch.empty(chunk, dtype=torch.int32 if q.device.type == "cpu" else torch.int64, device=q.device)
     for s in range(0, nbytes, chunk):
         e = min(nbytes, s + chunk)
         idx[: e - s].copy_(packed[s:e])
-        torch.index_select(lut, 0, idx[: e - s], out=scratch[: e - s])
+        torch.index_select(lut64, 0, idx[: e - s], out=scratch[: e - s])
         v0, v1 = 2 * s, min(2 * e, n)  # element range of this chunk
-        vals = scratch[: e - s].view(-1)[: v1 - v0]
+        vals = scratch[: e - s].view(torch.float32)[: v1 - v0]  # (high nibble, low nibble) pairs in order
         nfull, b0 = (v1 - v0) // bs, v0 // bs
         vals[: nfull * bs].view(nfull, bs).mul_(absmax[b0:b0 + nfull, None])
         if nfull * bs < vals.numel():

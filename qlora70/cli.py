@@ -1,0 +1,286 @@
+"""The `qlora70` command: train, eval, quantize, merge, generate, export-gguf, plan.
+
+Errors are one clear line on stderr and a non-zero exit (add `--debug` for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class CLIError(Exception):
+    """An error whose message is the whole story (printed without a traceback)."""
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=110)
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _load(model: str, adapter: str | None, quantize: str | None, dtype: str = "float32", device: str = "auto"):
+    import torch
+
+    from .checkpoint import load_model
+    dev = _device(device)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    m = load_model(model, quantize=quantize, dtype=dt, device=dev)
+    if adapter:
+        from .lora import load_adapter
+        load_adapter(m, adapter)
+    m.eval()
+    return m
+
+
+def _device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _tokenizer_for(model: str, tokenizer: str | None):
+    from .tokenizer import load_tokenizer
+    path = tokenizer or model
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        path = os.path.dirname(path)
+    return load_tokenizer(path)
+
+
+def _need_path(p: str, what: str) -> None:
+    if not os.path.exists(p):
+        raise CLIError(f"{what} {p!r} does not exist")
+
+
+# ---- plan ------------------------------------------------------------------------------------------------------
+def cmd_plan(a) -> int:
+    from .config import LlamaConfig
+    from .planner import GiB, plan_memory
+    if os.path.exists(a.model):
+        cfg = LlamaConfig.from_hf(a.model)
+    else:
+        try:
+            cfg = LlamaConfig.from_name(a.model)
+        except ValueError as e:
+            raise CLIError(f"--model {a.model!r}: not a file/directory and {e}") from None
+    p = plan_memory(cfg, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
+                    double_quant=not a.no_double_quant, gradient_checkpointing=not a.no_gradient_checkpointing,
+                    offload_checkpoints=a.offload, optim_bits=a.optim_bits, paged=not a.no_paged,
+                    gpu_memory=a.gpu_memory)
+    print(f"model {cfg.name}: {cfg.num_params() / 1e9:.2f}B params; seq {a.seq_len}, micro-batch {a.micro_batch_size}, "
+          f"LoRA r={a.lora_r}")
+    print(p.table())
+    if a.json:
+        _write_json(a.json, p.to_dict())
+    if p.fits is False:
+        print(f"does not fit: predicted {p.total / GiB:.1f} GiB > {p.gpu_memory / GiB:.1f} GiB. Try "
+              f"--micro-batch-size {max(1, p.max_micro_batch or 1)}, --offload, --optim-bits 8", file=sys.stderr)
+        return 3
+    return 0
+
+
+# ---- quantize --------------------------------------------------------------------------------------------------
+def cmd_quantize(a) -> int:
+    from .checkpoint import save_quantized
+    _need_path(a.model, "--model")
+    m = _load(a.model, None, "nf4", device=a.device)
+    save_quantized(m, a.out)
+    print(f"wrote NF4{'+DQ' if True else ''} checkpoint to {a.out} (bitsandbytes layout; transformers loads it)")
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+def cmd_generate(a) -> int:
+    from .generation import generate
+    _need_path(a.model, "--model")
+    m = _load(a.model, a.adapter, None if a.no_quantize else "nf4", device=a.device)
+    tok = _tokenizer_for(a.model, a.tokenizer)
+    prompt = a.prompt
+    if a.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    out = generate(m, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   stop=a.stop, seed=a.seed)
+    print(out)
+    return 0
+
+
+# ---- merge -----------------------------------------------------------------------------------------------------
+def cmd_merge(a) -> int:
+    from .lora import save_merged
+    _need_path(a.model, "--model")
+    _need_path(a.adapter, "--adapter")
+    m = _load(a.model, a.adapter, None if a.from_full_precision else "nf4", device=a.device)
+    save_merged(m, a.out, quantize=a.quantize)
+    print(f"wrote merged checkpoint to {a.out}" + (" (re-quantized to NF4)" if a.quantize else ""))
+    return 0
+
+
+# ---- export-gguf -----------------------------------------------------------------------------------------------
+def cmd_export_gguf(a) -> int:
+    from .checkpoint import export_gguf
+    from .lora import merge_lora
+    _need_path(a.model, "--model")
+    m = _load(a.model, a.adapter, None, device="cpu")
+    if a.adapter:
+        merge_lora(m)
+    tok = None
+    try:
+        tok = _tokenizer_for(a.model, a.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
+    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype)
+    print(f"wrote {a.out} ({a.qtype})")
+    return 0
+
+
+# ---- eval / train (thin wrappers over qlora70.recipe) ---------------------------------------------------------
+def cmd_eval(a) -> int:
+    from .recipe import run_eval
+    _need_path(a.model, "--model")
+    _need_path(a.data, "--data")
+    report = run_eval(a)
+    print(report)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .recipe import run_train
+    for p in a.data:
+        _need_path(p, "--data")
+    run_train(a)
+    return 0
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qlora70", formatter_class=_formatter,
+                                 description="QLoRA for Llama-2: NF4+DQ, LoRA, medical QA evaluation.",
+                                 epilog="run `qlora70 COMMAND --help` for each command's options and examples")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, fn, help_, examples):
+        p = sub.add_parser(name, help=help_, description=help_, epilog=_examples(examples), formatter_class=_formatter)
+        p.set_defaults(fn=fn)
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        return p
+
+    # train
+    from .recipe import add_train_args, add_eval_args  # argument definitions live with the recipe
+    p = add("train", cmd_train, "QLoRA-train a Llama model on medical QA data (writes a PEFT adapter)", """
+        qlora70 train --model ./Llama-2-7b-hf --data data/medical_meadow --out runs/7b --max-steps 200
+        qlora70 train --model llama.gguf --data train.jsonl --out runs/x --epochs 5 --batch-size 32 --lr 2e-4
+        qlora70 train --model ./Llama-2-70b-hf --data meadow/ --out runs/sm70 --resume""")
+    add_train_args(p)
+
+    p = add("eval", cmd_eval, "Evaluate a model (optionally with an adapter) on MedQA / PubMedQA / USMLE / MCQ", """
+        qlora70 eval --model ./Llama-2-7b-hf --task medqa --data data/medqa/US_4options_test_200.jsonl --limit 100
+        qlora70 eval --model m.gguf --adapter runs/x --task pubmedqa --data data/pubmedqa/ori_pqal.json --out rep/
+        qlora70 eval --model m.gguf --task usmle --data data/usmle""")
+    add_eval_args(p)
+
+    p = add("quantize", cmd_quantize, "Quantize an HF/GGUF Llama to NF4+DQ in the bitsandbytes checkpoint layout", """
+        qlora70 quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4""")
+    p.add_argument("--model", required=True, help="HF directory or .gguf file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default="auto")
+
+    p = add("merge", cmd_merge, "Merge a LoRA adapter into the base and save a standard HF checkpoint", """
+        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged
+        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged-nf4 --quantize""")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quantize", action="store_true", help="re-quantize the merged weights to NF4 (explicit only)")
+    p.add_argument("--from-full-precision", action="store_true",
+                   help="merge into the full-precision base weights instead of the NF4-dequantized ones")
+    p.add_argument("--device", default="cpu")
+
+    p = add("generate", cmd_generate, "Generate text from a prompt", """
+        qlora70 generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "The capital of France is"
+        qlora70 generate --model ./Llama-2-7b-hf --adapter runs/7b --chat --prompt "What causes gout?" """)
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--tokenizer", help="tokenizer file/dir (default: found beside the model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-quantize", action="store_true", help="keep the weights in full precision")
+    p.add_argument("--device", default="auto")
+
+    p = add("export-gguf", cmd_export_gguf, "Export a (merged) model as a llama.cpp GGUF file", """
+        qlora70 export-gguf --model ./Llama-2-7b-hf --adapter runs/7b --out model-f16.gguf
+        qlora70 export-gguf --model ./merged --out model-q8.gguf --qtype Q8_0""")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--qtype", choices=["F16", "Q8_0", "F32"], default="F16")
+
+    p = add("plan", cmd_plan, "Predict peak GPU memory of a QLoRA run and whether it fits", """
+        qlora70 plan --model llama2-70b --seq-len 1024 --micro-batch-size 1 --gpu-memory 80GiB
+        qlora70 plan --model ./Llama-2-13b-hf/config.json --micro-batch-size 4 --gpu-memory 24GiB --offload""")
+    p.add_argument("--model", required=True, help="a named size (llama2-7b/13b/70b) or an HF config.json / directory")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--gpu-memory", help="e.g. 80GiB; enables the fits / largest-micro-batch answer")
+    p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
+    p.add_argument("--optim-bits", type=int, choices=[8, 32], default=32)
+    p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        ap = build_parser()
+        a = ap.parse_args(argv)
+        if not getattr(a, "fn", None):
+            ap.print_help()
+            return EXIT_USAGE
+        return int(a.fn(a) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as e:  # one clear line, unless --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, (CLIError,)):
+            print(f"qlora70: error: {msg}", file=sys.stderr)
+        else:
+            print(f"qlora70: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
