@@ -25,9 +25,15 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "generate": "generation",
     # LoRA / training
     "LoRALinear": "lora", "inject_lora": "lora", "merge_lora": "lora",
-    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "checkpoint",
+    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "lora",
     "set_gradient_checkpointing": "model", "PagedAdamW": "optim", "chunked_cross_entropy": "losses",
     "Trainer": "trainer",
+    # data / evaluation
+    "build_dataset": "data", "read_entries": "data", "TokenizedData": "data", "Batches": "data",
+    "SM70_TEMPLATE": "data", "contamination_check": "data",
+    "evaluate_task": "evaluate", "EvalReport": "evaluate", "reports_table": "evaluate",
+    "read_gguf_metadata": "tokenizer", "export_gguf": "checkpoint", "save_hf": "checkpoint",
+    "plan_memory": "planner", "generate_ids": "generation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

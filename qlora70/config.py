@@ -171,3 +171,92 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (self.r ** 0.5) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass
+class TrainConfig:
+    """Training-loop settings (QLoRA / SM70 defaults). `batch_size` is the global batch in sequences per optimizer step;
+    it is reached by gradient accumulation over micro-batches of `micro_batch_size`. `max_steps` (when set) overrides
+    `epochs`. `save_every` / `eval_every` / `log_every` count optimizer steps (0 = only at epoch ends / the end)."""
+
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    micro_batch_size: int = 4
+    seq_len: int = 1024
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "constant"  # "constant" | "cosine"
+    max_grad_norm: float | None = 0.3  # None or 0 disables clipping
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    seed: int = 0
+    save_every: int = 100
+    eval_every: int = 0
+    log_every: int = 1
+    val_fraction: float = 0.0
+    val_size: int = 0
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    gradient_checkpointing: bool = True
+    offload: bool = False  # offload checkpointed layer inputs to CPU
+    optim_bits: int = 32  # 32 | 8
+    paged: bool = True
+    group_by_length: bool = True
+    packing: bool = False
+    chunk_size: int = 1024  # rows per chunk of the chunked cross-entropy
+    compute_dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    out_dir: str = "runs/qlora70"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+                raise ValueError(f"TrainConfig.{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
+
+        for f in ("epochs", "batch_size", "micro_batch_size", "seq_len", "chunk_size"):
+            pos_int(f)
+        for f in ("save_every", "eval_every", "log_every", "val_size"):
+            pos_int(f, allow_zero=True)
+        if self.max_steps is not None:
+            pos_int("max_steps")
+        if self.early_stopping_patience is not None:
+            pos_int("early_stopping_patience")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be a multiple of "
+                             f"micro_batch_size={self.micro_batch_size} (gradient accumulation steps = the ratio)")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be >= 0 or None, got {self.max_grad_norm!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        self.adam_betas = tuple(self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"TrainConfig.adam_betas must be two values in [0, 1), got {self.adam_betas!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.val_fraction and self.val_size:
+            raise ValueError("TrainConfig: set val_fraction or val_size, not both")
+        if self.early_stopping_patience is not None and not (self.val_fraction or self.val_size):
+            raise ValueError("TrainConfig.early_stopping_patience needs a validation split (val_fraction or val_size)")
+        if self.optim_bits not in (8, 32):
+            raise ValueError(f"TrainConfig.optim_bits must be 32 or 8, got {self.optim_bits!r}")
+        if self.compute_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.compute_dtype must be 'auto', 'bf16' or 'fp32', got {self.compute_dtype!r}")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"TrainConfig.out_dir must be a non-empty path string, got {self.out_dir!r}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d

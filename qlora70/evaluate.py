@@ -23,19 +23,20 @@ labels, scores; no question text unless `save_text=True`), a markdown table and 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import random
 import re
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .data import MEDALPACA_PRIMER, SM70_TEMPLATE, Entry, encode_text, resolve_add_bos
 from .tasks import EvalItem, TaskData, format_options, load_task
 
 MODES = ("letter", "option", "option_norm", "generate")
@@ -45,21 +46,16 @@ Z95 = 1.959963984540054
 # Prompt formats (named; the name and template text are recorded in every report)
 # --------------------------------------------------------------------------------------------------------------------
 
-MEDALPACA_PRIMER = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                    "Write a response that appropriately completes the request.")
-
-
 @dataclass(frozen=True)
 class PromptFormat:
     """A named prompt layout. `render(item)` is the text before the answer; `target(label)` / `option_target(text)`
-    are the continuations scored in letter / option mode. `truncate` names the field cut from the left when too long."""
+    are the continuations scored in letter / option mode."""
 
     name: str
     template: str
     render: Callable[[EvalItem], str] = field(repr=False, compare=False)
     target: Callable[[str], str] = field(repr=False, compare=False)
     option_target: Callable[[str], str] = field(repr=False, compare=False)
-    truncate: str = "question"
 
 
 def _mcq_render(item: EvalItem) -> str:
@@ -72,10 +68,10 @@ def _pubmedqa_render(item: EvalItem) -> str:
 
 
 def _sm70_render(item: EvalItem) -> str:
-    # The SM70 training template (qlora70.data.SM70_TEMPLATE) with context first, question (+ options) second.
+    # The training template itself (qlora70.data.SM70_TEMPLATE) on the entry `read_entries` makes from such a record:
+    # context = abstract, instruction = question (+ the option block), so prompts match fine-tuning exactly.
     body = item.question if _is_yesno(item) else f"{item.question}\n{format_options(item.options)}"
-    parts = [p for p in (item.context, body) if p]
-    return "Question: " + " ".join(parts) + "\nAnswer:"
+    return SM70_TEMPLATE.render(Entry(instruction=body, input=item.context, output=""))[0]
 
 
 def _medalpaca_render(item: EvalItem) -> str:
@@ -100,16 +96,16 @@ def _space(s: str) -> str:
 FORMATS: dict[str, PromptFormat] = {
     "lm-eval-mcq": PromptFormat(
         "lm-eval-mcq", "Question: {question}\\nA. {A}\\nB. {B}\\n...\\nAnswer:  -> \" {label}\"",
-        _mcq_render, _space, _space, "question"),
+        _mcq_render, _space, _space),
     "lm-eval-pubmedqa": PromptFormat(
         "lm-eval-pubmedqa", "Abstract: {contexts joined by \\n}\\nQuestion: {question}\\nAnswer:  -> \" {yes|no|maybe}\"",
-        _pubmedqa_render, _space, _space, "context"),
+        _pubmedqa_render, _space, _space),
     "sm70": PromptFormat(
         "sm70", "Question: {context} {question}[\\nA. {A}\\n...]\\nAnswer:  -> \" {label}\" (the SM70 training template)",
-        _sm70_render, _space, _space, "context"),
+        _sm70_render, _space, _space),
     "medalpaca": PromptFormat(
         "medalpaca", MEDALPACA_PRIMER + "\\n\\n### Instruction:\\n{instruction}\\n\\n### Input:\\n{question}\\n"
-        "A: {A}\\n...\\n\\n### Response:\\n  -> \"{label}\"", _medalpaca_render, str, str, "question"),
+        "A: {A}\\n...\\n\\n### Response:\\n  -> \"{label}\"", _medalpaca_render, str, str),
 }
 DEFAULT_FORMAT = {"medqa": "lm-eval-mcq", "usmle": "lm-eval-mcq", "mcq": "lm-eval-mcq", "pubmedqa": "lm-eval-pubmedqa"}
 FEWSHOT_SEP = "\n\n"  # lm-eval's fewshot_delimiter
@@ -162,35 +158,33 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[s
 # Tokenization and log-likelihood scoring
 # --------------------------------------------------------------------------------------------------------------------
 
-def resolve_add_bos(tokenizer: Any, add_bos: bool | None) -> bool:
-    """None -> the tokenizer's own preference (`add_bos` / `add_bos_token` attribute) if it has one, else True
-    whenever it has a BOS id (Llama-2 convention)."""
-    if add_bos is not None:
-        return bool(add_bos) and getattr(tokenizer, "bos_id", None) is not None
-    for attr in ("add_bos", "add_bos_token"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, bool):
-            return v and getattr(tokenizer, "bos_id", None) is not None
-    return getattr(tokenizer, "bos_id", None) is not None
-
-
 def _encode(tokenizer: Any, text: str, add_bos: bool) -> list[int]:
-    ids = list(tokenizer.encode(text, bos=False, eos=False))
+    ids = encode_text(tokenizer, text)
     return [int(tokenizer.bos_id)] + ids if add_bos else ids
 
 
 def split_continuation(tokenizer: Any, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces of the context move to the continuation; ctx = enc(context),
     cont = enc(context + continuation)[len(ctx):]. Returns (ctx_ids, cont_ids)."""
+    ctx, conts = split_continuations(tokenizer, context, [continuation], add_bos)
+    return ctx, conts[0]
+
+
+def split_continuations(tokenizer: Any, context: str, continuations: Sequence[str],
+                        add_bos: bool) -> tuple[list[int], list[list[int]]]:
+    """`split_continuation` for several continuations of one context, encoding the context once."""
     n_sp = len(context) - len(context.rstrip(" "))
-    if n_sp:
-        continuation, context = context[-n_sp:] + continuation, context[:-n_sp]
+    head = context[len(context) - n_sp:] if n_sp else ""
+    context = context[:len(context) - n_sp]
     ctx = _encode(tokenizer, context, add_bos)
-    whole = _encode(tokenizer, context + continuation, add_bos)
-    cont = whole[len(ctx):]
-    if not cont:
-        raise ValueError(f"continuation {continuation!r} produced no tokens after the context; check the tokenizer")
-    return ctx, cont
+    out = []
+    for c in continuations:
+        whole = _encode(tokenizer, context + head + c, add_bos)
+        cont = whole[len(ctx):]
+        if not cont:
+            raise ValueError(f"continuation {c!r} produced no tokens after the context; check the tokenizer")
+        out.append(cont)
+    return ctx, out
 
 
 def _device_of(model: Any) -> torch.device:
@@ -210,6 +204,30 @@ def _logits(model: Callable, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"model must map input_ids {tuple(ids.shape)} to logits (B, T, V); got "
                          f"{getattr(out, 'shape', type(out))}")
     return out
+
+
+def _lm_head_of(model: Any) -> torch.nn.Module | None:
+    """The LM head when `model` can return final hidden states (qlora70's `Llama(..., return_hidden=True)`), so only
+    the scored positions go through the (large-vocabulary) head; None for a plain logits callable."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None
+    try:
+        return head if "return_hidden" in inspect.signature(model.forward).parameters else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _logits_at(model: Callable, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) float32 at (rows[i], pos[i]) of `model(ids)`, computing the head only there when possible."""
+    head = _lm_head_of(model)
+    if head is not None:
+        h = model(ids, return_hidden=True)  # (B, T, D)
+        if not isinstance(h, torch.Tensor) or h.shape[:2] != ids.shape:
+            raise ValueError(f"model(..., return_hidden=True) must give (B, T, D), got {getattr(h, 'shape', type(h))}")
+        return head(h[rows.to(h.device), pos.to(h.device)]).float()
+    logits = _logits(model, ids)  # (B, T, V)
+    return logits[rows.to(logits.device), pos.to(logits.device)].float()
 
 
 @torch.inference_mode()
@@ -261,7 +279,6 @@ def loglikelihoods(model: Callable, requests: Sequence[tuple[list[int], list[int
         ids = torch.full((len(batch), T), int(pad_id), dtype=torch.long)
         for b, r in enumerate(batch):
             ids[b, :len(rows[r])] = torch.tensor(rows[r], dtype=torch.long)
-        logits = _logits(model, ids.to(device))  # (B, T, V)
         bi, pos, tok, qidx = [], [], [], []
         for b, r in enumerate(batch):
             for qi in per_row[r]:
@@ -271,7 +288,7 @@ def loglikelihoods(model: Callable, requests: Sequence[tuple[list[int], list[int
                     pos.append(len(ctx) - 1 + j)
                     tok.append(int(t))
                     qidx.append(qi)
-        sel = logits[torch.tensor(bi, device=logits.device), torch.tensor(pos, device=logits.device)].float()  # (N, V)
+        sel = _logits_at(model, ids.to(device), torch.tensor(bi), torch.tensor(pos))  # (N, V)
         lp = torch.log_softmax(sel, dim=-1).gather(1, torch.tensor(tok, device=sel.device)[:, None])[:, 0]
         for qi, v in zip(qidx, lp.double().cpu().tolist()):
             out[qi] += v
@@ -298,7 +315,7 @@ def greedy_generate(model: Callable, tokenizer: Any, prompt: str, *, max_new_tok
     return tokenizer.decode(new)
 
 
-_ANSWER_IS = re.compile(r"(?:answer|option)\s*(?:is|:)?\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"(?i:answer|option)\s*(?i:is)?\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])")
 
 
 def extract_answer(text: str, labels: Sequence[str], options: dict[str, str] | None = None) -> str | None:
@@ -315,8 +332,8 @@ def extract_answer(text: str, labels: Sequence[str], options: dict[str, str] | N
         if m and m.group(1) in labels:
             return m.group(1)
         m = _ANSWER_IS.search(t)
-        if m and m.group(1).upper() in labels:
-            return m.group(1).upper()
+        if m and m.group(1) in labels:
+            return m.group(1)
         if options:
             low = t.lower()
             hits = [k for k, v in options.items() if v and low.startswith(v.lower())]
@@ -348,8 +365,9 @@ def _assemble(item: EvalItem, fmt: PromptFormat, shots: Sequence[EvalItem]) -> s
 
 def build_prompt(item: EvalItem, fmt: PromptFormat, shots: Sequence[EvalItem], tokenizer: Any, add_bos: bool,
                  budget: int) -> _Prompt:
-    """Fit the prompt in `budget` tokens: drop few-shot examples (last first), then cut the question (or abstract)
-    from the left at a word boundary. Options and the answer cue are kept."""
+    """Fit the prompt in `budget` tokens: drop few-shot examples (last first), then cut the context (PubMedQA
+    abstract) and then the question from the left at a word boundary. Options and the answer cue are kept; if even
+    they do not fit, `hard_truncated` is set and the caller cuts tokens from the left (after BOS)."""
     shots = list(shots)
     text = _assemble(item, fmt, shots)
     n = len(_encode(tokenizer, text, add_bos))
@@ -359,22 +377,22 @@ def build_prompt(item: EvalItem, fmt: PromptFormat, shots: Sequence[EvalItem], t
         n = len(_encode(tokenizer, text, add_bos))
     if n <= budget:
         return _Prompt(text, len(shots), False, False)
-    fname = fmt.truncate if getattr(item, fmt.truncate) else "question"
     cur = item
-    for _ in range(64):
-        body = getattr(cur, fname)
-        if not body:
-            break
-        n_body = max(1, len(tokenizer.encode(body, bos=False, eos=False)))
-        cut = int((n - budget) * len(body) / n_body * 1.05) + 1
-        rest = body[cut:]
-        sp = rest.find(" ")
-        rest = rest[sp + 1:] if 0 <= sp < 40 else rest
-        cur = replace(cur, **{fname: rest})
-        text = _assemble(cur, fmt, [])
-        n = len(_encode(tokenizer, text, add_bos))
-        if n <= budget:
-            return _Prompt(text, 0, True, False)
+    for fname in ("context", "question"):
+        for _ in range(64):
+            body = getattr(cur, fname)
+            if not body:
+                break
+            n_body = max(1, len(encode_text(tokenizer, body)))
+            cut = int((n - budget) * len(body) / n_body * 1.05) + 1
+            rest = body[cut:]
+            sp = rest.find(" ")
+            rest = rest[sp + 1:] if 0 <= sp < 40 else rest
+            cur = replace(cur, **{fname: rest})
+            text = _assemble(cur, fmt, [])
+            n = len(_encode(tokenizer, text, add_bos))
+            if n <= budget:
+                return _Prompt(text, 0, True, False)
     return _Prompt(text, 0, True, True)
 
 
@@ -552,24 +570,25 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
     for item in it:
         shots = _sample_shots(fewshot.items, item, k_shot, seed) if k_shot else []
         if mode == "generate":
-            conts = []
-            budget = max_length - max_new_tokens
+            conts: list[str] = []
+        elif mode == "letter":
+            conts = [fmt.target(lab) for lab in item.labels]
         else:
-            conts = ([fmt.target(lab) for lab in item.labels] if mode == "letter"
-                     else [fmt.option_target(txt) for txt in item.options.values()])
-            probe = fmt.render(item)
-            max_cont = max(len(split_continuation(tokenizer, probe, c, bos)[1]) for c in conts)
-            budget = max_length - max_cont + 1
+            conts = [fmt.option_target(txt) for txt in item.options.values()]
+        pr = _Prompt(_assemble(item, fmt, shots), len(shots), False, False)
+        ctx, cont_ids = split_continuations(tokenizer, pr.text, conts, bos)
+        budget = max_length - (max_new_tokens if mode == "generate" else max(map(len, cont_ids)) - 1)
         if budget < 8:
             raise ValueError(f"max_length={max_length} leaves no room for a prompt; raise it")
-        pr = build_prompt(item, fmt, shots, tokenizer, bos, budget)
-        prompts.append(pr)
-        idx = []
-        for c in conts:
-            ctx, cont = split_continuation(tokenizer, pr.text, c, bos)
-            if pr.hard_truncated and len(ctx) > budget:  # token-level cut from the left, keeping BOS
+        if len(ctx) > budget:
+            pr = build_prompt(item, fmt, shots, tokenizer, bos, budget)
+            ctx, cont_ids = split_continuations(tokenizer, pr.text, conts, bos)
+            if len(ctx) > budget:  # options alone too long: token-level cut from the left, keeping BOS
                 keep = budget - (1 if bos else 0)
                 ctx = ([ctx[0]] if bos else []) + ctx[len(ctx) - keep:]
+        prompts.append(pr)
+        idx = []
+        for cont in cont_ids:
             idx.append(len(requests))
             requests.append((ctx, cont))
         req_of.append(idx)
@@ -613,6 +632,8 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
             preds.append(rec)
     for rec, pr in zip(preds, prompts):
         rec["truncated"] = pr.truncated
+        if pr.hard_truncated:
+            rec["hard_truncated"] = True  # even the options did not fit: tokens cut from the left
         if k_shot:
             rec["n_shots"] = pr.n_shots
         if save_text:
@@ -707,13 +728,13 @@ def answer_loss(model: Callable, data: Any, *, batch_size: int = 8, pad_id: int 
     total, count = 0.0, 0
     for b in it:
         batch = collate([data.example(i) for i in b], pad_id=pad_id)
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        logits = _logits(model, ids)[:, :-1].float()  # (B, T-1, V)
-        tgt = labels[:, 1:]
-        mask = tgt != IGNORE_INDEX
-        lp = torch.log_softmax(logits[mask], dim=-1).gather(1, tgt[mask][:, None])[:, 0]
+        ids, labels = batch["input_ids"].to(device), batch["labels"]
+        rows, pos = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)  # position t predicts token t + 1
+        sel = _logits_at(model, ids, rows, pos)  # (N, V)
+        tgt = labels[rows, pos + 1].to(sel.device)
+        lp = torch.log_softmax(sel, dim=-1).gather(1, tgt[:, None])[:, 0]
         total -= float(lp.double().sum())
-        count += int(mask.sum())
+        count += len(tgt)
     loss = total / count if count else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if count else math.nan, "n_tokens": count,
             "n_examples": len(data)}

@@ -16,8 +16,8 @@ Every decoder linear may be swapped for a frozen NF4 `Linear4bit` (`quantize_mod
 always called as `self.q_proj(x)`, so a `setattr(parent, name, new_module)` replacement just works.
 
 Masking (`attention_mask`, optional, (B, T) or (B, start_pos + T) integers):
-  0 marks padding, any positive value is a document id. Query i attends key j iff j <= i (causal), the key is not padding
-  and both carry the same document id. An HF-style 0/1 mask is the one-document case; a packed row of several examples
+  0 marks padding, any positive value is a document id. Query i attends key j iff j <= i (causal), the key is not
+  padding and both carry the same document id. An HF-style 0/1 mask is the one-document case; a packed row of several examples
   passes ids 1, 1, 1, 2, 2, 3, ... (0 for the padding tail) so attention never crosses examples; pass matching
   `position_ids` (restarting at 0 per example) for HF-equivalent results. Padding queries attend only to themselves
   (their outputs are finite but meaningless: mask them out of the loss).
@@ -158,7 +158,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        V, D = config.vocab_size, config.hidden_size
+        # on the meta device (streaming loads) skip the normal_ init: meta normal_ imports torch._dynamo (+155 MB RSS)
+        self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D) if torch.empty(0).is_meta else None)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

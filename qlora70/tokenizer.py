@@ -21,12 +21,14 @@ Conventions (all chosen to equal the reference tokenizers exactly):
   remaining segment is pre-tokenized (e.g. SmolLM2/"smollm": every digit isolated, then the GPT-2 regex; no prefix
   space), each piece is mapped byte-by-byte to GPT-2's printable alphabet and merged by merge rank.
   Two engines give identical ids: `tokenizers` (Rust, the HF reference implementation, built from the same vocab +
-  merges + pre-tokenizer as a tokenizer.json; ~10x faster and batch-parallel, the default) and a pure-Python one
-  (`backend="python"`: the classic rank-greedy merge loop with a per-piece cache; the regexes are translated from
+  merges + pre-tokenizer as a tokenizer.json; the default: native, and `encode_batch` runs on all cores) and a
+  pure-Python one (`backend="python"`, no dependency: the classic rank-greedy merge loop with a per-piece cache, about
+  as fast single-threaded once the cache is warm, ~2x slower cold; the regexes are translated from
   `\\p{L}`/`\\p{N}`/`\\s` to explicit Unicode classes so stdlib `re` matches Oniguruma's semantics). The tests check
   both against `transformers` / `tokenizers` references, so either engine can serve as the other's oracle.
-  Note: transformers' own GGUF loader does not know the "smollm" pre-tokenizer and skips the digit split; that only
-  changes text with non-ASCII numerals such as " ²" (llama.cpp and the original tokenizer.json split them; we do too).
+  Note: transformers' own GGUF loader does not know the "smollm" pre-tokenizer and skips the digit split. No merge
+  joins a digit to anything, so that only changes non-ASCII numerals (" ½") and whitespace runs before a digit
+  ("% \n1": one "ĠĊ" for llama.cpp, the original tokenizer.json and us; "Ġ" + "Ċ" for transformers).
 
 Decode inverts encode: `decode(encode(s), skip_special=False) == s` for any string (sentencepiece: for models with
 identity normalization such as Llama-2). No file is ever unpickled: GGUF metadata is parsed here, JSON with `json`.
@@ -353,7 +355,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Text of token ids (a list, tuple, numpy array or 1-D tensor). skip_special drops control tokens (BOS, EOS,
-        <|im_start|>, ...); with skip_special=False, decode(encode(text)) == text."""
+        <|im_start|>, ...); with skip_special=False, decode(encode(text)) == text (Llama-2, SmolLM2, GPT-2: any
+        tokenizer without a normalizer or an added prefix space)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         try:
             ids = [int(i) for i in ids]
@@ -374,21 +377,19 @@ class Tokenizer:
         """
         msgs = _check_messages(messages)
         src = self.chat_template if template is None else template
-        if src is None or src in (CHATML_TEMPLATE, LLAMA2_CHAT_TEMPLATE):
-            fmt = src or self.chat_format
-        else:
+        fmt = src or self.chat_format
+        if src is not None and src not in (CHATML_TEMPLATE, LLAMA2_CHAT_TEMPLATE):
             try:
-                tpl = _jinja_template(src)
+                import jinja2
             except ImportError:  # jinja2 ships with torch; without it fall back to the built-in format
-                tpl, fmt = None, "chatml" if "<|im_start|>" in src else "llama2"
-            if tpl is not None:
-                from jinja2 import TemplateError
+                fmt = CHATML_TEMPLATE if "<|im_start|>" in src else LLAMA2_CHAT_TEMPLATE
+            else:
                 piece = lambda i: self.id_to_piece(i) if i is not None else ""  # noqa: E731
                 try:
-                    return tpl.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                      bos_token=piece(self.bos_id), eos_token=piece(self.eos_id),
-                                      pad_token=piece(self.pad_id), unk_token=piece(self.unk_id))
-                except TemplateError as e:
+                    return _jinja_template(src).render(
+                        messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=piece(self.bos_id),
+                        eos_token=piece(self.eos_id), pad_token=piece(self.pad_id), unk_token=piece(self.unk_id))
+                except jinja2.TemplateError as e:
                     raise ValueError(f"chat template of {self.source} failed: {e}") from e
         if fmt == CHATML_TEMPLATE:
             return _render_chatml(msgs, add_generation_prompt)
@@ -604,7 +605,17 @@ def _normalizer_forms(norm: Mapping | None, where: str) -> list[str]:
     raise ValueError(f"{where}: normalizer {kind!r} is not supported for byte-level BPE (supported: NFC/NFD/NFKC/NFKD)")
 
 
+@lru_cache(maxsize=None)
+def _splitter(rx: re.Pattern) -> re.Pattern | None:
+    """`rx` wrapped in one capturing group, so re.split returns gaps and matches in order (None if rx has groups)."""
+    return re.compile(f"({rx.pattern})", rx.flags) if rx.groups == 0 else None
+
+
 def _isolated_split(rx: re.Pattern, s: str) -> list[str]:
+    """Split `s` into the matches of `rx` and the gaps between them, dropping empty strings ("Isolated")."""
+    sp = _splitter(rx)
+    if sp is not None:
+        return [x for x in sp.split(s) if x]
     out, last = [], 0
     for m in rx.finditer(s):
         a, b = m.span()
@@ -638,8 +649,9 @@ class ByteBPETokenizer(Tokenizer):
         where = source
         model = spec.get("model") or {}
         if model.get("type", "BPE") != "BPE" or "merges" not in model:
-            raise ValueError(f"{where}: tokenizer model type {model.get('type')!r} is not supported; "
-                             "only byte-level BPE (GPT-2 style) or a sentencepiece tokenizer.model")
+            raise ValueError(f"{where}: tokenizer model type {model.get('type')!r} (merges present: "
+                             f"{'merges' in model}) is not supported; only byte-level BPE (GPT-2 style) with merges, "
+                             "or a sentencepiece tokenizer.model")
         for key, default in (("dropout", None), ("continuing_subword_prefix", None), ("end_of_word_suffix", None),
                              ("byte_fallback", False)):
             if model.get(key, default) not in (default, "") and not (key == "dropout" and model[key] == 0):
@@ -658,11 +670,6 @@ class ByteBPETokenizer(Tokenizer):
         self.added_tokens = {t["content"]: t["id"] for t in added}
         self.special_ids = frozenset(t["id"] for t in added if t.get("special", False))
         self._added_ids = frozenset(self.added_tokens.values())
-        for t in added:
-            if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
-                if backend == "python":
-                    raise ValueError(f"{where}: added token {t['content']!r} uses single_word/lstrip/rstrip, which "
-                                     "the python backend does not implement; use backend='tokenizers'")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         bad = next((m for m in merges if len(m) != 2 or m[0] + m[1] not in self.vocab), None)
         if bad is not None:
@@ -695,10 +702,15 @@ class ByteBPETokenizer(Tokenizer):
         if backend in ("auto", "tokenizers"):
             try:
                 self._hf = self._build_hf(encode_special_tokens=False)
-            except ImportError:
+            except ImportError as e:
                 if backend == "tokenizers":
-                    raise
+                    raise ImportError("backend='tokenizers' needs the `tokenizers` package (pip install tokenizers); "
+                                      "or use backend='python'") from e
         self.backend = "tokenizers" if self._hf is not None else "python"
+        odd = next((t["content"] for t in added if t.get("single_word") or t.get("lstrip") or t.get("rstrip")), None)
+        if self.backend == "python" and odd is not None:
+            raise ValueError(f"{where}: added token {odd!r} uses single_word/lstrip/rstrip, which the python backend "
+                             "does not implement; install `tokenizers` and use backend='tokenizers'")
 
     # -- engines
     def _build_hf(self, encode_special_tokens: bool):
@@ -857,6 +869,17 @@ def _load_sentencepiece(path: Path) -> SentencePieceTokenizer:
                                   add_bos=cfg.get("add_bos_token", True), chat_template=_chat_template_of(cfg))
 
 
+def _template_bos(post: Mapping | None) -> str | None:
+    """The special token a TemplateProcessing post-processor puts first in a single sequence (HF's add-BOS)."""
+    if not isinstance(post, Mapping):
+        return None
+    if post.get("type") == "Sequence":
+        return next((b for p in post.get("processors") or [] if (b := _template_bos(p))), None)
+    single = post.get("single") or [] if post.get("type") == "TemplateProcessing" else []
+    first = single[0] if single else {}
+    return first.get("SpecialToken", {}).get("id") if isinstance(first, Mapping) else None
+
+
 def _load_tokenizer_json(path: Path, backend: str) -> ByteBPETokenizer:
     spec = _read_json(path)
     if not isinstance(spec, Mapping) or not isinstance(spec.get("model"), Mapping):
@@ -876,13 +899,15 @@ def _load_tokenizer_json(path: Path, backend: str) -> ByteBPETokenizer:
             return vocab[text]
         return next((vocab[t] for t in fallbacks if t in vocab), None)
 
+    post_bos = _template_bos(spec.get("post_processor"))  # e.g. Llama-3 adds <|begin_of_text|> in its post-processor
     eos = tid("eos_token", ("<|endoftext|>", "</s>", "<|end_of_text|>"))
-    bos = tid("bos_token", ("<|endoftext|>", "<s>", "<|begin_of_text|>"))
+    bos = tid("bos_token", tuple(t for t in (post_bos, "<|endoftext|>", "<s>", "<|begin_of_text|>") if t))
     tpl = _chat_template_of(cfg)
     fmt = CHATML_TEMPLATE if "<|im_start|>" in vocab else LLAMA2_CHAT_TEMPLATE
     return ByteBPETokenizer(spec, name=path.parent.name or path.stem, source=str(path), bos_id=bos, eos_id=eos,
                             pad_id=tid("pad_token"), unk_id=tid("unk_token"),
-                            add_bos=bool(cfg.get("add_bos_token", False)), chat_template=tpl, chat_format=fmt,
+                            add_bos=bool(cfg.get("add_bos_token", post_bos is not None)), chat_template=tpl,
+                            chat_format=fmt,
                             backend=backend)
 
 
@@ -934,7 +959,7 @@ def _load_gguf(path: Path, backend: str) -> Tokenizer:
                            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)), chat_template=tpl,
                            chat_format=CHATML_TEMPLATE if "<|im_start|>" in vocab else LLAMA2_CHAT_TEMPLATE,
                            backend=backend)
-    tok.vocab_size = len(tokens)
+    tok.vocab_size, tok._pieces = len(tokens), list(tokens)  # GGUF ids are list positions (duplicates included)
     return tok
 
 

@@ -1,0 +1,461 @@
+"""llama.cpp GGUF files: a small reader (header, metadata, tensor index, block dequantization in torch) and a writer.
+
+Reading never maps the file: each tensor is one positioned read. Supported tensor types: F32, F16, BF16, Q8_0, Q4_0,
+Q4_1 (block formats from llama.cpp's ggml-common.h, 32 weights per block):
+    Q8_0  34 bytes: fp16 d, 32 x int8 q                      w = d * q
+    Q4_0  18 bytes: fp16 d, 16 bytes of nibbles             w = d * (q - 8)
+    Q4_1  20 bytes: fp16 d, fp16 m, 16 bytes of nibbles     w = d * q + m
+  (nibbles: the low nibble of byte j is element j, the high nibble element j + 16).
+GGUF lists dims fastest-first, so a ggml [in, out] tensor is a row-major torch [out, in] tensor.
+
+llama.cpp stores Q and K weights row-permuted for its interleaved ("normal") RoPE; HF uses rotate-half:
+    gguf = w.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).reshape(out, in)          (`permute_qk`)
+    w    = gguf.reshape(n_head, hd/2, 2, in).swapaxes(1, 2).reshape(out, in)       (`unpermute_qk`)
+with n_head = num_key_value_heads for K.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import LlamaConfig
+
+# ggml tensor types: id -> (name, elements per block, bytes per block)
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+HEADER_PROBE = 16 << 20  # first read size for the header
+
+# metadata value types
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+V_STRING, V_ARRAY = 8, 9
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # row-major torch order (GGUF dims reversed)
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES.get(self.ggml_type, (f"type {self.ggml_type}",))[0]
+
+
+class GGUFFile:
+    """Index of a GGUF v2/v3 little-endian file: `metadata` {key: value}, `types` {key: (vtype, subtype)},
+    `tensors` {name: GGUFTensor}. `read(name)` -> dequantized fp32 tensor."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"GGUF file {self.path} does not exist")
+        self.size = os.path.getsize(self.path)
+        n = min(self.size, HEADER_PROBE)  # the header (metadata + tensor index) is read alone; grown until it parses
+        while True:
+            with open(self.path, "rb") as f:
+                buf = f.read(n)
+            try:
+                self._parse(buf)
+                return
+            except (struct.error, IndexError) as e:
+                if n >= self.size:
+                    raise ValueError(f"{self.path}: truncated or corrupt GGUF header ({e}); re-download or "
+                                     "re-convert it") from None
+                n = min(self.size, n * 4)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{self.path}: corrupt GGUF header ({e})") from None
+
+    def _parse(self, buf: bytes) -> None:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{self.path} is not a GGUF file (magic {buf[:4]!r}, expected b'GGUF')")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: unsupported GGUF version {version} (2 and 3 little-endian are supported)")
+        off = 24
+
+        def string() -> str:
+            nonlocal off
+            (n,) = struct.unpack_from("<Q", buf, off)
+            if off + 8 + n > len(buf):
+                raise struct.error("string runs past the end of the header")
+            s = buf[off + 8: off + 8 + n].decode("utf-8")
+            off += 8 + n
+            return s
+
+        def value(vt: int) -> Any:
+            nonlocal off
+            if vt == V_STRING:
+                return string()
+            if vt in _SCALARS:
+                st = struct.Struct("<" + _SCALARS[vt])
+                (v,) = st.unpack_from(buf, off)
+                off += st.size
+                return v
+            if vt == V_ARRAY:
+                sub, count = struct.unpack_from("<IQ", buf, off)
+                off += 12
+                if sub in _SCALARS:
+                    st = struct.Struct(f"<{count}{_SCALARS[sub]}")
+                    vals = list(st.unpack_from(buf, off))
+                    off += st.size
+                    return vals
+                return [value(sub) for _ in range(count)]
+            raise ValueError(f"{self.path}: unknown GGUF metadata value type {vt} at byte {off}")
+
+        self.metadata: dict[str, Any] = {}
+        self.types: dict[str, tuple[int, int | None]] = {}
+        for _ in range(n_kv):
+            key = string()
+            (vt,) = struct.unpack_from("<I", buf, off)
+            off += 4
+            sub = struct.unpack_from("<I", buf, off)[0] if vt == V_ARRAY else None
+            self.metadata[key] = value(vt)
+            self.types[key] = (vt, sub)
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            (nd,) = struct.unpack_from("<I", buf, off)
+            dims = struct.unpack_from(f"<{nd}Q", buf, off + 4)
+            ttype, toff = struct.unpack_from("<IQ", buf, off + 4 + 8 * nd)
+            off += 4 + 8 * nd + 12
+            infos.append((name, tuple(int(d) for d in dims), ttype, toff))
+        align = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-off // align) * align
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, dims, ttype, toff in infos:
+            n = 1
+            for d in dims:
+                n *= d
+            _, bs, bb = GGML_TYPES.get(ttype, ("?", 1, 0))
+            t = GGUFTensor(name, ttype, tuple(reversed(dims)), data_start + toff, n // bs * bb)
+            if t.offset + t.nbytes > self.size:
+                raise ValueError(f"{self.path} is truncated: tensor {name!r} needs bytes up to {t.offset + t.nbytes} "
+                                 f"but the file has {self.size}; re-download or re-convert it")
+            self.tensors[name] = t
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes, uint8 [nbytes]."""
+        t = self.tensors[name]
+        return read_bytes(self.path, t.offset, t.nbytes, what=f"tensor {name!r}")
+
+    def read(self, name: str) -> torch.Tensor:
+        """Dequantized fp32 tensor in row-major shape. ValueError for unsupported types (naming file and tensor)."""
+        t = self.tensors[name]
+        if t.type_name not in SUPPORTED_TYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has GGUF type {t.type_name}, which qlora70 does not read "
+                             f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the file with llama-quantize "
+                             "to one of those")
+        return dequantize(self.raw(name), t.type_name, t.shape)
+
+
+def read_bytes(path: str, offset: int, nbytes: int, what: str = "data") -> torch.Tensor:
+    """uint8 [nbytes] read from `path` at `offset` (positioned reads into a fresh buffer; no mmap)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    mv = memoryview(buf.numpy()).cast("B")
+    got = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while got < nbytes:
+            k = f.readinto(mv[got:])
+            if not k:
+                raise ValueError(f"{path} is truncated: {what} needs {nbytes} bytes at offset {offset}, "
+                                 f"only {got} could be read; re-download or re-save the file")
+            got += k
+    return buf
+
+
+def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """GGUF bytes (uint8 [nbytes]) of `type_name` -> fp32 tensor of `shape` (row-major)."""
+    n = 1
+    for d in shape:
+        n *= d
+    if type_name == "F32":
+        return raw.view(torch.float32).reshape(shape).clone()
+    if type_name in ("F16", "BF16"):
+        return raw.view(torch.float16 if type_name == "F16" else torch.bfloat16).float().reshape(shape)
+    if type_name == "Q8_0":
+        b = raw.view(-1, 34)  # (nb, 34)
+        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
+        q = b[:, 2:].contiguous().view(torch.int8).float()  # (nb, 32)
+        return (d * q).reshape(shape)
+    if type_name in ("Q4_0", "Q4_1"):
+        bb = 18 if type_name == "Q4_0" else 20
+        b = raw.view(-1, bb)
+        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
+        qs = b[:, bb - 16:]  # (nb, 16)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (nb, 32): low nibbles are elements 0..15
+        if type_name == "Q4_0":
+            return (d * (q - 8.0)).reshape(shape)
+        m = b[:, 2:4].contiguous().view(torch.float16).float()
+        return (d * q + m).reshape(shape)
+    raise ValueError(f"unsupported GGUF tensor type {type_name}")
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """fp32 [rows, cols] (cols % 32 == 0) -> Q8_0 bytes uint8 [rows, cols / 32 * 34], bit-exact with ggml's reference
+    (d = absmax / 127, q = round-half-away(x / d), d stored as fp16)."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (nb, 1)
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    x = blocks * inv
+    a = x.abs()
+    fl = a.floor()
+    q = torch.sign(x) * (fl + torch.floor(2 * (a - fl)))  # round half away from zero, as ggml's roundf
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
+    return out.reshape(rows, cols // 32 * 34)
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half rows -> llama.cpp interleaved rows. w [n_head * hd, in]."""
+    out, inp = w.shape
+    return w.reshape(n_head, 2, out // n_head // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp interleaved rows -> HF rotate-half rows (inverse of `permute_qk`)."""
+    out, inp = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+# ---- names ---------------------------------------------------------------------------------------------------------
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+          "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_BLOCK_INV = {v: k for k, v in _BLOCK.items()}
+_GLOBAL_INV = {v: k for k, v in _GLOBAL.items()}
+_BLK_RX = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_HF_RX = re.compile(r"model\.layers\.(\d+)\.(\w+\.\w+|\w+)\.weight")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for unknown names."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = _BLK_RX.fullmatch(name)
+    if m and m.group(2) in _BLOCK:
+        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.weight"
+    return None
+
+
+def hf_to_gguf_name(name: str) -> str:
+    if name in _GLOBAL_INV:
+        return _GLOBAL_INV[name]
+    m = _HF_RX.fullmatch(name)
+    if not m or m.group(2) not in _BLOCK_INV:
+        raise ValueError(f"no GGUF name for tensor {name!r}")
+    return f"blk.{m.group(1)}.{_BLOCK_INV[m.group(2)]}.weight"
+
+
+def config_from_gguf(g: GGUFFile) -> LlamaConfig:
+    """LlamaConfig from `llama.*` metadata (ValueError naming the file for other architectures or missing keys)."""
+    md = g.metadata
+    arch = md.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{g.path}: general.architecture={arch!r}; qlora70 reads only Llama-architecture GGUF files "
+                         "('llama')")
+    scaling = md.get("llama.rope.scaling.type")
+    if scaling not in (None, "none") or "rope_freqs.weight" in g.tensors:
+        raise ValueError(f"{g.path}: RoPE scaling ({scaling or 'rope_freqs.weight'}) is not supported")
+
+    def need(k: str) -> Any:
+        if f"llama.{k}" not in md:
+            raise ValueError(f"{g.path}: missing GGUF metadata key 'llama.{k}'")
+        return md[f"llama.{k}"]
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    emb = g.tensors.get("token_embd.weight")
+    vocab = md.get("llama.vocab_size") or (len(md["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in md
+                                           else (emb.shape[0] if emb else None))
+    if vocab is None:
+        raise ValueError(f"{g.path}: cannot tell the vocabulary size (no llama.vocab_size, tokens or token_embd)")
+    kw = dict(vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+              num_hidden_layers=int(need("block_count")), num_attention_heads=heads,
+              num_key_value_heads=int(md.get("llama.attention.head_count_kv", heads)),
+              head_dim=int(md.get("llama.attention.key_length", md.get("llama.rope.dimension_count", hidden // heads))),
+              max_position_embeddings=int(md.get("llama.context_length", 4096)),
+              rms_norm_eps=float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+              rope_theta=float(md.get("llama.rope.freq_base", 10000.0)),
+              tie_word_embeddings="output.weight" not in g.tensors,
+              bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+              pad_token_id=md.get("tokenizer.ggml.padding_token_id"), torch_dtype="float32",
+              name=str(md.get("general.name", os.path.basename(g.path))))
+    return LlamaConfig(**kw)
+
+
+# ---- tokenizer metadata for export -----------------------------------------------------------------------------------
+def tokenizer_metadata(source: Any) -> dict[str, tuple[Any, int, int | None]]:
+    """`tokenizer.*` GGUF metadata {key: (value, vtype, subtype)} from a GGUF file, a sentencepiece tokenizer.model,
+    a tokenizer.json, a directory holding one, or a qlora70 Tokenizer (its `.source` file)."""
+    path = getattr(source, "source", source)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for n in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, n)):
+                path = os.path.join(path, n)
+                break
+        else:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer source {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        g = GGUFFile(path)
+        return {k: (v, *g.types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+    if isinstance(source, (str, os.PathLike)):  # a file path: its special ids / BOS convention via our tokenizer
+        from .tokenizer import load_tokenizer
+        source = load_tokenizer(path)
+    if path.endswith(".json"):
+        return _bpe_json_metadata(path, source)
+    return _sentencepiece_metadata(path, source)
+
+
+def _arr(vals: list, sub: int) -> tuple[list, int, int]:
+    return (vals, V_ARRAY, sub)
+
+
+def _sentencepiece_metadata(path: str, tok: Any) -> dict:
+    import sentencepiece as spm  # the tokenizer file is a sentencepiece protobuf
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(n)]
+    md = {"tokenizer.ggml.model": ("llama", V_STRING, None), "tokenizer.ggml.pre": ("default", V_STRING, None),
+          "tokenizer.ggml.tokens": _arr([sp.id_to_piece(i) for i in range(n)], V_STRING),
+          "tokenizer.ggml.scores": _arr([float(sp.get_score(i)) for i in range(n)], 6),
+          "tokenizer.ggml.token_type": _arr(types, 5),
+          "tokenizer.ggml.add_bos_token": (bool(getattr(tok, "add_bos_default", True)), 7, None),
+          "tokenizer.ggml.add_eos_token": (False, 7, None)}
+    return md | _special_ids(tok, sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id())
+
+
+def _bpe_json_metadata(path: str, tok: Any) -> dict:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    vocab = dict(spec["model"]["vocab"])
+    types = {}
+    for a in spec.get("added_tokens", []):
+        vocab[a["content"]] = a["id"]
+        types[a["id"]] = 3 if a.get("special") else 4
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    md = {"tokenizer.ggml.model": ("gpt2", V_STRING, None), "tokenizer.ggml.pre": ("default", V_STRING, None),
+          "tokenizer.ggml.tokens": _arr(tokens, V_STRING), "tokenizer.ggml.token_type": _arr(
+              [types.get(i, 1) for i in range(n)], 5), "tokenizer.ggml.merges": _arr(merges, V_STRING),
+          "tokenizer.ggml.add_bos_token": (bool(getattr(tok, "add_bos_default", False)), 7, None)}
+    return md | _special_ids(tok, None, None, None, None)
+
+
+def _special_ids(tok: Any, bos: int | None, eos: int | None, unk: int | None, pad: int | None) -> dict:
+    out = {}
+    for key, attr, dflt in (("bos", "bos_id", bos), ("eos", "eos_id", eos), ("unknown", "unk_id", unk),
+                            ("padding", "pad_id", pad)):
+        v = getattr(tok, attr, None) if not isinstance(tok, (str, os.PathLike)) else None
+        v = dflt if v is None else v
+        if v is not None and v >= 0:
+            out[f"tokenizer.ggml.{key}_token_id"] = (int(v), 4, None)
+    return out
+
+
+# ---- writer --------------------------------------------------------------------------------------------------------
+GGUF_QTYPES = ("F32", "F16", "Q8_0")
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7}  # llama.cpp LlamaFileType
+
+
+def write_gguf(path: str | os.PathLike, config: LlamaConfig, specs: list, qtype: str = "F16",
+               tokenizer_md: dict | None = None, name: str = "qlora70", progress: bool = True) -> str:
+    """Write a llama.cpp GGUF (architecture 'llama') atomically and return its path.
+
+    specs: [(hf_name, shape, produce)] in file order; `produce()` returns the weight (any float dtype, HF layout).
+    2-D weights are stored as `qtype` (Q8_0 falls back to F16 for rows not divisible by 32), 1-D as F32; Q/K rows are
+    permuted to llama.cpp's layout. tokenizer_md: {key: (value, vtype, subtype)} from `tokenizer_metadata`.
+    """
+    import gguf  # the writer of llama.cpp's own python package
+    import numpy as np
+    from tqdm import tqdm
+
+    qtype = qtype.upper()
+    if qtype not in GGUF_QTYPES:
+        raise ValueError(f"export qtype must be one of {GGUF_QTYPES}, got {qtype!r}")
+    path = os.fspath(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    c = config
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        w.add_name(name)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        if c.head_dim * c.num_attention_heads != c.hidden_size:
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+        w.add_rope_freq_base(float(c.rope_theta))
+        w.add_file_type(_FILE_TYPE[qtype])
+        w.add_vocab_size(c.vocab_size)
+        for key, (val, vt, sub) in (tokenizer_md or {}).items():
+            w.add_key_value(key, val, gguf.GGUFValueType(vt), sub_type=None if sub is None else gguf.GGUFValueType(sub))
+        w.add_quantization_version(2)
+        plan = []
+        for hf_name, shape, produce in specs:
+            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (None, shape[0])
+            if rows is None or qtype == "F32":
+                kind, byte_shape, nb, np_dt = "F32", tuple(shape), 4 * (cols * (rows or 1)), np.float32
+            elif qtype == "Q8_0" and cols % 32 == 0:
+                kind, byte_shape, np_dt = "Q8_0", (rows, cols // 32 * 34), np.uint8
+                nb = rows * cols // 32 * 34
+            else:
+                kind, byte_shape, nb, np_dt = "F16", tuple(shape), 2 * rows * cols, np.float16
+            raw = gguf.GGMLQuantizationType.Q8_0 if kind == "Q8_0" else None
+            w.add_tensor_info(hf_to_gguf_name(hf_name), byte_shape, np.dtype(np_dt), nb, raw_dtype=raw)
+            plan.append((hf_name, kind, produce))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, kind, produce in tqdm(plan, desc="export gguf", unit="tensor", disable=not progress):
+            t = produce().detach().float().cpu()
+            if hf_name.endswith("q_proj.weight"):
+                t = permute_qk(t, c.num_attention_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                t = permute_qk(t, c.num_key_value_heads)
+            if kind == "Q8_0":
+                arr = quantize_q8_0(t).numpy()
+            else:
+                arr = t.contiguous().numpy().astype(np.float16 if kind == "F16" else np.float32, copy=False)
+            w.write_tensor_data(arr)
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path

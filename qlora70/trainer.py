@@ -1,0 +1,648 @@
+"""The plain QLoRA training loop: accumulation, schedule, clipping, validation, checkpoints and exact resume.
+
+One optimizer step = one window of `grad_accum_steps` micro-batches. The window's loss is the sum of token
+cross-entropies divided by the number of trained tokens (labels != -100) in the WHOLE window, so every trained token
+weighs the same whatever micro-batch it landed in (not a mean of per-micro-batch means).
+
+Data: `train_data` is a `qlora70.data.TokenizedData` (the trainer holds out the validation split and builds
+`qlora70.data.Batches` of `micro_batch_size`, length-grouped) or any loader with the same protocol: iterating yields
+micro-batch dicts (`input_ids`, `labels` (B, T) long, optional `attention_mask`, `position_ids`, `document_ids`) from the
+current position to the end of the epoch and then moves to the next epoch; `len()` is micro-batches per epoch;
+`state_dict()` / `load_state_dict()` save and restore the position (JSON-serializable).
+
+Output directory (`TrainConfig.out_dir`):
+    metrics.jsonl            one JSON object per logged step / validation
+    loss_curve.png           training and validation loss
+    checkpoints/latest.json  -> the newest complete checkpoint directory
+    checkpoints/step-NNNNNN/ adapter (PEFT format), optimizer.safetensors, rng.safetensors, trainer_state.json
+    best_adapter/            the adapter with the lowest validation loss (PEFT format)
+    adapter/                 the final adapter (PEFT format)
+Every file is written to a temporary name and renamed; a checkpoint directory is renamed into place only when
+complete and `latest.json` is switched after it, so a kill -9 at any moment leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from itertools import islice
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import LoRAConfig, TrainConfig
+from .losses import IGNORE_INDEX, chunked_cross_entropy
+from .lora import (atomic_save_json, atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules,
+                   save_adapter)
+from .optim import PagedAdamW
+
+log = logging.getLogger("qlora70.trainer")
+
+# TrainConfig fields that change the data order or the meaning of a step: a resume must keep them
+RESUME_FIXED = ("seed", "batch_size", "micro_batch_size", "seq_len", "val_fraction", "val_size", "group_by_length",
+                "packing", "optim_bits")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup (step+1)/warmup, then constant or cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _rng_to_files(st: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """RNG states as (tensors for safetensors, JSON-able dict)."""
+    tensors = {"torch": st["torch"].clone()}
+    for i, s in enumerate(st.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s.clone()
+    py = st["python"]
+    npst = st["numpy"]
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, js
+
+
+def _rng_from_files(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> dict[str, Any]:
+    py = js["python"]
+    npj = js["numpy"]
+    st = {"torch": tensors["torch"], "python": (py[0], tuple(py[1]), py[2]),
+          "numpy": (npj[0], np.asarray(npj[1], dtype=np.uint32), npj[2], npj[3], npj[4])}
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda:
+        st["cuda"] = cuda
+    return st
+
+
+class _ListLoader:
+    """A fixed list of batch dicts (validation data given as a list)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]):
+        self.batches = list(batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Trainer:
+    """Train the LoRA parameters of `model` (a `qlora70.model.Llama`, 4-bit or not) on answer-only labelled data.
+
+    model: with LoRA already injected, or without (then `lora_config` is injected, seeded with `cfg.seed`).
+    train_data / val_data: see the module docstring. `callbacks`: functions f(trainer, record) called after every
+    optimizer step with that step's metrics record. `pad_id` pads micro-batches built from TokenizedData.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_data: Any, val_data: Any = None, *,
+                 lora_config: LoRAConfig | None = None, pad_id: int | None = None,
+                 callbacks: Iterable[Callable[["Trainer", dict], None]] = (),
+                 base_model_name_or_path: str | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"Trainer expects a TrainConfig, got {type(cfg).__name__}")
+        self.cfg, self.model = cfg, model
+        self.callbacks = list(callbacks)
+        self.base_model_name_or_path = base_model_name_or_path
+        if not any(True for _ in lora_modules(model)):
+            if lora_config is None:
+                raise ValueError("Trainer: the model has no LoRA layers; pass lora_config=LoRAConfig(...) or call "
+                                 "inject_lora first")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                inject_lora(model, lora_config)
+        elif lora_config is not None and lora_config != get_lora_config(model):
+            raise ValueError(f"Trainer: lora_config {lora_config} differs from the model's LoRA layers "
+                             f"{get_lora_config(model)}")
+        self.lora_config = get_lora_config(model)
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("Trainer: the model has no trainable parameters")
+        self.device = next(p for _, p in self.params).device
+        if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda"):
+            self.autocast_dtype: torch.dtype | None = torch.bfloat16
+        else:
+            self.autocast_dtype = None
+        if pad_id is None:
+            c = getattr(model, "config", None)
+            pad_id = next((v for v in (getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
+                           if v is not None), 0)
+        self.pad_id = int(pad_id)
+        self.train_loader, self.val_loader = self._build_loaders(train_data, val_data)
+        self.accum = cfg.grad_accum_steps
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / self.accum))
+        self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = PagedAdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                    weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
+        if cfg.gradient_checkpointing or cfg.offload:
+            try:
+                from .model import set_gradient_checkpointing
+                set_gradient_checkpointing(model, enabled=cfg.gradient_checkpointing, offload=cfg.offload)
+            except (ImportError, TypeError) as e:
+                log.warning("gradient checkpointing not enabled: %s", e)
+        # loop state (all of it goes into checkpoints)
+        self.step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0
+        self.tokens_seen = 0
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.history: list[dict] = []
+        self._boundary: dict | None = None
+        self._in_update = False
+        self._pending_interrupt = False
+        self.out_dir = cfg.out_dir
+        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+    def _build_loaders(self, train_data: Any, val_data: Any):
+        cfg = self.cfg
+        from .data import Batches, TokenizedData
+
+        def batches(data: TokenizedData, shuffle: bool) -> Batches:
+            return Batches(data, cfg.micro_batch_size, pad_id=self.pad_id, seed=cfg.seed, shuffle=shuffle,
+                           group_by_length=cfg.group_by_length and shuffle, packing=cfg.packing,
+                           seq_len=cfg.seq_len if cfg.packing else None)
+
+        if isinstance(train_data, TokenizedData):
+            if (cfg.val_fraction or cfg.val_size) and val_data is None:
+                train_data, val_data = train_data.split(cfg.val_size or float(cfg.val_fraction), seed=cfg.seed)
+            elif (cfg.val_fraction or cfg.val_size) and val_data is not None:
+                raise ValueError("Trainer: val_data was given and the config also asks for a validation split "
+                                 "(val_fraction/val_size); use one of them")
+            train_loader = batches(train_data, shuffle=True)
+        else:
+            if cfg.val_fraction or cfg.val_size:
+                raise ValueError("Trainer: val_fraction/val_size split a TokenizedData; with a ready loader pass "
+                                 "val_data instead")
+            for need in ("__iter__", "__len__", "state_dict", "load_state_dict"):
+                if not hasattr(train_data, need):
+                    raise TypeError(f"Trainer: train_data must be a TokenizedData or a loader with __iter__, __len__, "
+                                    f"state_dict and load_state_dict; {type(train_data).__name__} lacks {need}")
+            train_loader = train_data
+        if len(train_loader) == 0:
+            raise ValueError("Trainer: the training data yields no batches")
+        if val_data is None:
+            val_loader = None
+        elif isinstance(val_data, TokenizedData):
+            val_loader = batches(val_data, shuffle=False)
+        elif isinstance(val_data, (list, tuple)):
+            val_loader = _ListLoader(list(val_data))
+        else:
+            val_loader = val_data
+        if cfg.early_stopping_patience is not None and val_loader is None:
+            raise ValueError("Trainer: early_stopping_patience needs validation data")
+        return train_loader, val_loader
+
+    # ---- one micro-batch ----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token CE, number of labelled tokens) of one micro-batch (HF label convention, shift inside)."""
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        kw = {}
+        if "document_ids" in batch:  # packed rows: attend within each example only
+            kw["attention_mask"] = (batch["document_ids"] + 1).to(self.device)
+            if "position_ids" in batch:
+                kw["position_ids"] = batch["position_ids"].to(self.device)
+        with self._autocast():
+            hidden = self.model(ids, return_hidden=True, **kw)  # (B, T, D); right padding is causal-safe
+            return chunked_cross_entropy(hidden, self.model.lm_head.weight, labels, chunk_size=self.cfg.chunk_size)
+
+    @staticmethod
+    def _n_labelled(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    @staticmethod
+    def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
+        m = batch.get("attention_mask")
+        return int(m.sum()) if m is not None else batch["input_ids"].numel()
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean validation cross-entropy (dropout off, no RNG consumed)."""
+        if self.val_loader is None:
+            raise ValueError("Trainer.evaluate: no validation data")
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        try:
+            if hasattr(self.val_loader, "load_state_dict"):
+                self.val_loader.load_state_dict({"epoch": 0, "index": 0})
+            for batch in self.val_loader:
+                s, n = self._forward_loss(batch)
+                total += s.double().cpu()
+                count += int(n)
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("Trainer.evaluate: the validation data has no labelled tokens")
+        return float(total / count)
+
+    # ---- the loop --------------------------------------------------------------------------------------------------
+    def train(self, resume: bool | str = "auto") -> dict:
+        """Run to `total_steps` (or early stop). resume: "auto" (continue from out_dir's latest checkpoint if any),
+        True (require one), False (start fresh; refuses a non-empty checkpoint dir), or a checkpoint path.
+        Returns a summary dict. Raises FloatingPointError on a NaN/inf loss (the last good checkpoint is kept) and
+        re-raises KeyboardInterrupt after saving a resumable checkpoint."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(self.ckpt_root, exist_ok=True)
+        ckpt = self._find_checkpoint(resume)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            log.info("resumed from %s (step %d)", ckpt, self.step)
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            self._truncate_metrics(0)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        old_handler = self._install_sigint()
+        t_start, tokens_at_start = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < self.total_steps and not self.stopped_early:
+                if cfg.max_steps is None and self.epoch >= cfg.epochs:
+                    break
+                n_micro = len(self.train_loader)
+                it = iter(self.train_loader)
+                while self.step < self.total_steps and self.micro_in_epoch < n_micro:
+                    self._boundary = self._snapshot()
+                    window = list(islice(it, min(self.accum, n_micro - self.micro_in_epoch)))
+                    if not window:
+                        break
+                    rec = self._train_step(window)  # sets _in_update before the optimizer step: Ctrl-C waits
+                    self.step += 1
+                    self.tokens_seen += rec["tokens"]
+                    self.micro_in_epoch += len(window)
+                    end_of_epoch = self.micro_in_epoch >= n_micro
+                    if end_of_epoch:
+                        next(it, None)  # let the loader roll over to the next epoch
+                        self.epoch += 1
+                        self.micro_in_epoch = 0
+                    self._in_update = False
+                    elapsed = time.perf_counter() - t_start
+                    rec["tokens_per_s"] = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                    if self.step % max(cfg.log_every, 1) == 0 or self.step == self.total_steps:
+                        self._log(rec)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                    if self.val_loader is not None and (end_of_epoch or (cfg.eval_every and
+                                                                         self.step % cfg.eval_every == 0)):
+                        self._validate(epoch_end=end_of_epoch)
+                    for cb in self.callbacks:
+                        cb(self, rec)
+                    last = self.step >= self.total_steps or self.stopped_early or (
+                        cfg.max_steps is None and self.epoch >= cfg.epochs)
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                        self.save_checkpoint()
+                    if self._pending_interrupt:
+                        raise KeyboardInterrupt
+                    if end_of_epoch or self.stopped_early:
+                        break
+        except KeyboardInterrupt:
+            path = self._save_interrupted()
+            bar.close()
+            log.warning("interrupted: saved a resumable checkpoint at step %d in %s", self.step, path)
+            raise
+        finally:
+            self._restore_sigint(old_handler)
+        bar.close()
+        if self.stopped_early and self.best_step is not None:
+            load_adapter(self.model, os.path.join(self.out_dir, "best_adapter"))
+        save_adapter(self.model, os.path.join(self.out_dir, "adapter"), self.base_model_name_or_path)
+        self._plot()
+        return {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "best_step": self.best_step, "stopped_early": self.stopped_early,
+                "final_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None)}
+
+    def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        n_lab = sum(self._n_labelled(b) for b in window)
+        n_tok = sum(self._n_tokens(b) for b in window)
+        lr = cfg.lr * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i, b in enumerate(window):
+            s, _ = self._forward_loss(b)
+            if not torch.isfinite(s):
+                self._fail(f"loss is {float(s.detach())} in micro-batch {i + 1}/{len(window)} of step {self.step + 1}")
+            if n_lab:
+                (s / n_lab).backward()
+            loss_sum += float(s.detach())
+        grad_norm = None
+        if n_lab:
+            params = [p for _, p in self.params]
+            if cfg.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                self._fail(f"gradient norm is {grad_norm} at step {self.step + 1}")
+            self._in_update = True  # cleared by the loop once the step counters are updated
+            self.optimizer.step()
+        else:
+            log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
+        self._in_update = True
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / n_lab if n_lab else float("nan")
+        return {"step": self.step + 1, "epoch": self.epoch + (self.micro_in_epoch + len(window)) / len(self.train_loader),
+                "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_lab, "tokens": n_tok,
+                "step_time_s": time.perf_counter() - t0}
+
+    def _fail(self, what: str) -> None:
+        latest = self._latest_path()
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+        raise FloatingPointError(f"training stopped: {what}; nothing was saved for this step and {where}. Lower the "
+                                 "learning rate or check the data, then resume from that checkpoint")
+
+    def _validate(self, epoch_end: bool) -> None:
+        val = self.evaluate()
+        rec = {"step": self.step, "epoch": self.epoch, "val_loss": val, "epoch_end": epoch_end}
+        improved = self.best_val is None or val < self.best_val
+        if improved:
+            self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+            self._save_best()
+        else:
+            self.bad_evals += 1
+            if self.cfg.early_stopping_patience and self.bad_evals >= self.cfg.early_stopping_patience:
+                self.stopped_early = True
+                log.warning("early stopping at step %d: validation loss did not improve for %d evaluations "
+                            "(best %.4f at step %d)", self.step, self.bad_evals, self.best_val, self.best_step)
+        rec["best_val"] = self.best_val
+        self._log(rec)
+        self._plot()
+
+    # ---- metrics ---------------------------------------------------------------------------------------------------
+    def _metrics_path(self) -> str:
+        return os.path.join(self.out_dir, "metrics.jsonl")
+
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(self._metrics_path(), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keep only metrics records up to `step` (a resume drops what the interrupted run logged after it)."""
+        path = self._metrics_path()
+        self.history = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a torn last line after kill -9
+                    if rec.get("step", 0) <= step:
+                        self.history.append(rec)
+            if step == 0:
+                self.history = []
+            data = "".join(json.dumps(r) + "\n" for r in self.history).encode("utf-8")
+            from .lora import _atomic_write_bytes
+            _atomic_write_bytes(path, data)
+
+    def _plot(self) -> None:
+        """loss_curve.png: training loss per step and validation loss, one plot."""
+        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
+        if not train and not val:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(self.out_dir, "loss_curve.png")
+        tmp = path + f".tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+
+    # ---- interrupt handling ------------------------------------------------------------------------------------
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._in_update:  # never leave a half-applied optimizer step: stop right after it
+                self._pending_interrupt = True
+            else:
+                raise KeyboardInterrupt
+
+        self._pending_interrupt = False
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint(old) -> None:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+    def _snapshot(self) -> dict:
+        """Data position, loop counters and RNG at a step boundary (what a checkpoint of this step holds)."""
+        return {"step": self.step, "loader": self.train_loader.state_dict(), "rng": _rng_state(),
+                "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
+
+    def _save_interrupted(self) -> str:
+        """After Ctrl-C mid-window: the model and optimizer are still those of the last completed step, so save them
+        with the data position and RNG captured at that step boundary."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._boundary is not None and self._boundary["step"] == self.step:
+            return self.save_checkpoint(boundary=self._boundary)
+        return self.save_checkpoint()
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What a checkpoint must agree with to be resumed: model shape, LoRA config, trainable tensors, data order."""
+        c = getattr(self.model, "config", None)
+        model_cfg = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "torch_dtype")} \
+            if dataclasses.is_dataclass(c) else None
+        lc = self.lora_config
+        return {"model_config": model_cfg, "base": {"checksum": self._base_checksum()},
+                "lora": {"r": lc.r, "alpha": float(lc.alpha), "dropout": float(lc.dropout),
+                         "targets": sorted(lc.targets), "use_rslora": lc.use_rslora},
+                "trainable": [[n, list(p.shape)] for n, p in self.params],
+                "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.cfg.to_dict().items()
+                          if k in RESUME_FIXED}}
+
+    def _base_checksum(self, n_tensors: int = 4, n_samples: int = 4096) -> str:
+        """A cheap hash of the frozen base weights: evenly spaced samples of the first and last few tensors (catches
+        resuming onto another checkpoint of the same shape, e.g. base vs. chat weights)."""
+        import hashlib
+
+        frozen = [(n, t) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+                  if not t.requires_grad and ".lora_" not in n and t.numel() > 0]
+        h = hashlib.sha256()
+        for name, t in frozen[:n_tensors] + frozen[-n_tensors:]:
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // n_samples)][:n_samples]
+            h.update(name.encode())
+            h.update(sample.float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def _latest_path(self) -> str | None:
+        p = os.path.join(self.ckpt_root, "latest.json")
+        if not os.path.isfile(p):
+            return None
+        with open(p, encoding="utf-8") as fh:
+            name = json.load(fh)["dir"]
+        path = os.path.join(self.ckpt_root, name)
+        return path if os.path.isdir(path) else None
+
+    def _find_checkpoint(self, resume: bool | str) -> str | None:
+        if isinstance(resume, str) and resume != "auto":
+            if not os.path.isdir(resume):
+                raise FileNotFoundError(f"resume: checkpoint directory {resume} does not exist")
+            return resume
+        latest = self._latest_path()
+        if resume is True and latest is None:
+            raise FileNotFoundError(f"resume=True but {self.ckpt_root} holds no checkpoint (latest.json)")
+        if resume is False:
+            if latest is not None:
+                raise ValueError(f"{self.out_dir} already holds a checkpoint ({latest}); resume from it "
+                                 "(resume='auto') or choose another out_dir")
+            return None
+        return latest
+
+    def save_checkpoint(self, boundary: dict | None = None) -> str:
+        """Write checkpoints/step-NNNNNN atomically and point latest.json at it; older step dirs are removed."""
+        b = boundary or self._snapshot()
+        name = f"step-{self.step:06d}"
+        final = os.path.join(self.ckpt_root, name)
+        tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        save_adapter(self.model, tmp, self.base_model_name_or_path)
+        osd = self.optimizer.state_dict()
+        tensors, meta = {}, {}
+        for i, st in osd["state"].items():
+            meta[str(i)] = {"step": st["step"]}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"state.{i}.{k}"] = v
+        atomic_save_safetensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng_t, rng_j = _rng_to_files(b["rng"])
+        atomic_save_safetensors(rng_t, os.path.join(tmp, "rng.safetensors"))
+        state = {"step": self.step, "epoch": b["epoch"], "micro_in_epoch": b["micro_in_epoch"],
+                 "tokens_seen": self.tokens_seen, "best_val": self.best_val, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "total_steps": self.total_steps,
+                 "warmup_steps": self.warmup_steps, "loader": b["loader"], "rng": rng_j,
+                 "optimizer": {"param_groups": osd["param_groups"], "state": meta, "optim_bits": osd["optim_bits"]},
+                 "fingerprint": self.fingerprint(), "train_config": self.cfg.to_dict()}
+        atomic_save_json(state, os.path.join(tmp, "trainer_state.json"))
+        if os.path.isdir(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+            trash = final + f".old-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_save_json({"dir": name, "step": self.step}, os.path.join(self.ckpt_root, "latest.json"))
+        for d in os.listdir(self.ckpt_root):
+            if d != name and (d.startswith("step-") or d.startswith(".tmp-")):
+                shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
+        return final
+
+    def _save_best(self) -> None:
+        final = os.path.join(self.out_dir, "best_adapter")
+        tmp = os.path.join(self.out_dir, f".tmp-best-{os.getpid()}")
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        save_adapter(self.model, tmp, self.base_model_name_or_path)
+        atomic_save_json({"step": self.step, "val_loss": self.best_val}, os.path.join(tmp, "best.json"))
+        if os.path.isdir(final):
+            trash = final + f".old-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore adapter, optimizer, schedule position, data position and RNG from a checkpoint directory; raises
+        ValueError when it belongs to another model, LoRA config or data-order setting."""
+        from safetensors.torch import load_file
+
+        spath = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(spath):
+            raise FileNotFoundError(f"{spath} not found: {path} is not a complete trainer checkpoint")
+        with open(spath, encoding="utf-8") as fh:
+            state = json.load(fh)
+        saved, mine = state["fingerprint"], self.fingerprint()
+        diffs = []
+        for section in ("model_config", "base", "lora", "train"):
+            a, b = saved.get(section) or {}, mine.get(section) or {}
+            diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k)]
+        if not diffs and saved["trainable"] != mine["trainable"]:
+            diffs.append("the trainable LoRA tensors (names/shapes) differ")
+        if diffs:
+            raise ValueError(f"cannot resume from {path}: it was written for another model / LoRA config / data "
+                             f"setting ({'; '.join(diffs[:6])}). Use a fresh out_dir or the original settings")
+        load_adapter(self.model, path)
+        opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
+        o = state["optimizer"]
+        osd = {"param_groups": o["param_groups"], "optim_bits": o["optim_bits"], "state": {}}
+        for i, m in o["state"].items():
+            osd["state"][int(i)] = {"step": m["step"], **{k[len(f"state.{i}."):]: v for k, v in opt_t.items()
+                                                       if k.startswith(f"state.{i}.")}}
+        self.optimizer.load_state_dict(osd)
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.tokens_seen, self.best_val, self.best_step = state["tokens_seen"], state["best_val"], state["best_step"]
+        self.bad_evals, self.stopped_early = state["bad_evals"], state["stopped_early"]
+        if state["total_steps"] != self.total_steps:
+            log.warning("resume: total steps changed from %d to %d (schedule follows the new total)",
+                        state["total_steps"], self.total_steps)
+        self.train_loader.load_state_dict(state["loader"])
+        _set_rng_state(_rng_from_files(load_file(os.path.join(path, "rng.safetensors")), state["rng"]))
+        self._truncate_metrics(self.step)
