@@ -120,7 +120,7 @@ def cmd_merge(a) -> int:
     _need_path(a.model, "--model")
     _need_path(a.adapter, "--adapter")
     m = _load(a.model, a.adapter, None if a.from_full_precision else "nf4", device=a.device)
-    save_merged(m, a.out, quantize=a.quantize)
+    save_merged(m, a.out, format="bnb4" if a.quantize else "hf", inplace=True)
     print(f"wrote merged checkpoint to {a.out}" + (" (re-quantized to NF4)" if a.quantize else ""))
     return 0
 

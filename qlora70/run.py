@@ -203,11 +203,15 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
         before = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "before")
 
     t_train = time.perf_counter()
+    step0, tokens0 = trainer.step, trainer.tokens_seen
     summary = trainer.train(resume="auto" if resume else False)
     train_s = time.perf_counter() - t_train
+    if resume:
+        step0, tokens0 = summary.get("resumed_step", step0), summary.get("resumed_tokens", tokens0)
     save_adapter(model, out, base_model_name_or_path=os.path.abspath(model_path))
-    say(f"trained {summary['step']} steps in {train_s:.0f}s ({summary['tokens_seen'] / max(train_s, 1e-9):.0f} "
-        f"tokens/s); adapter -> {out / 'adapter_model.safetensors'}")
+    rate = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
+    say(f"at step {summary['step']} ({summary['tokens_seen']} tokens); this session {train_s:.0f}s"
+        + (f", {rate[-1]:.0f} tokens/s" if rate else "") + f"; adapter -> {out / 'adapter_model.safetensors'}")
 
     val_after = trainer.evaluate() if val_data is not None else None
     if val_after is not None:

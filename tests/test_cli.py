@@ -1,0 +1,131 @@
+"""The `qlora70` command on a tiny model: every command runs, bad arguments and missing files give one-line errors."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora70 import LlamaConfig
+from qlora70.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+MEDQA = REPO / "data" / "medqa" / "US_4options_test_200.jsonl"
+MEADOW = REPO / "data" / "medical_meadow" / "wikidoc_patient_information_800.json"
+
+
+def _sentences():
+    rows = json.loads(MEADOW.read_text())[:300]
+    for r in rows:
+        yield f"Question: {r['instruction']} {r['input']}\nAnswer: {r['output']}"[:2000]
+    for L in "ABCDE":
+        yield f"Answer: {L}. yes no maybe"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random tiny Llama in HF format with a sentencepiece tokenizer.model beside it."""
+    spm = pytest.importorskip("sentencepiece")
+    from qlora70.checkpoint import save_hf
+    from qlora70.model import Llama
+
+    d = tmp_path_factory.mktemp("tiny_hf")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=_sentences(), model_writer=buf, model_type="bpe",
+                                   vocab_size=400, byte_fallback=True, character_coverage=0.999, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_name("tiny", vocab_size=416, max_position_embeddings=512)
+    m = Llama(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    save_hf(m, d, dtype=torch.float32, progress=False)
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    return d
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ["train", "eval", "quantize", "merge", "generate", "export-gguf", "plan"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"qlora70 {cmd}" in out
+
+
+def test_quantize_generate_eval(tiny_model, tmp_path, capsys):
+    q = tmp_path / "nf4"
+    assert run_cli("quantize", "--model", tiny_model, "--out", q, "--device", "cpu") == 0
+    cfg = json.loads((q / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert run_cli("generate", "--model", tiny_model, "--prompt", "Question: what is gout?", "--max-new-tokens", 5,
+                   "--device", "cpu") == 0
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert run_cli("eval", "--model", tiny_model, "--task", "medqa", "--data", MEDQA, "--limit", 4, "--out", out,
+                   "--device", "cpu") == 0
+    rep = json.loads((out / "eval_medqa.json").read_text())
+    assert rep["n_scored"] == 4 and rep["limit"] == 4 and 0 <= rep["accuracy"] <= 1
+    assert "medqa" in capsys.readouterr().out
+
+
+def test_train_merge_export(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--model", tiny_model, "--data", MEADOW, "--out", run, "--preset", "demo",
+                   "--max-steps", 2, "--seq-len", 96, "--batch-size", 4, "--micro-batch-size", 2, "--val-size", 8,
+                   "--save-every", 1, "--device", "cpu") == 0
+    assert (run / "adapter_model.safetensors").is_file() and (run / "adapter_config.json").is_file()
+    ac = json.loads((run / "adapter_config.json").read_text())
+    assert ac["peft_type"] == "LORA" and ac["r"] == 64 and ac["lora_alpha"] == 16
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["run"]["seq_len"] == 96 and rc["run"]["max_steps"] == 2
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len([json.loads(x) for x in lines if '"loss"' in x]) >= 2
+    # resume from the latest checkpoint: already at max_steps, so it finishes immediately with the same adapter
+    assert run_cli("train", "--model", tiny_model, "--data", MEADOW, "--out", run, "--preset", "demo",
+                   "--max-steps", 2, "--seq-len", 96, "--batch-size", 4, "--micro-batch-size", 2, "--val-size", 8,
+                   "--device", "cpu", "--resume") == 0
+    merged = tmp_path / "merged"
+    assert run_cli("merge", "--model", tiny_model, "--adapter", run, "--out", merged) == 0
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    g = tmp_path / "m.gguf"
+    assert run_cli("export-gguf", "--model", tiny_model, "--adapter", run, "--out", g, "--qtype", "Q8_0") == 0
+    assert g.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "--model", "/nonexistent/model", "--task", "medqa", "--data", str(MEDQA)], "/nonexistent/model"),
+    (["generate", "--model", "/no/such.gguf", "--prompt", "hi"], "/no/such.gguf"),
+    (["train", "--model", "/no/model", "--data", "/no/data.json", "--out", "/tmp/x"], "/no/data.json"),
+    (["merge", "--model", "/no/model", "--adapter", "/no/adapter", "--out", "/tmp/x"], "/no/model"),
+    (["plan", "--model", "llama2-700b"], "llama2-700b"),
+])
+def test_bad_input_is_one_line(args, needle, capsys):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_bad_model_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    assert main(["generate", "--model", str(bad), "--prompt", "x", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.gguf" in err
+
+
+def test_console_script_and_usage_errors():
+    r = subprocess.run([sys.executable, "-m", "qlora70.cli", "eval", "--task", "nope"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "qlora70.cli", "plan", "--model", "llama2-7b"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0 and "total (peak)" in r.stdout
