@@ -82,7 +82,17 @@ def sync(device: str) -> None:
 
 # ---- one framework per process -----------------------------------------------------------------------------------
 
-def setup_ours(ckpt: str, device: str, dtype: torch.dtype):
+def checkpoint_policies() -> list[str]:
+    """The gradient-checkpointing policies this build's model supports ("full" always)."""
+    import inspect
+
+    from qlora70.model import set_gradient_checkpointing
+
+    return ["full", "keep_base_outputs"] if "policy" in inspect.signature(set_gradient_checkpointing).parameters \
+        else ["full"]
+
+
+def setup_ours(ckpt: str, device: str, dtype: torch.dtype, policy: str = "full"):
     from qlora70.checkpoint import load_model
     from qlora70.config import LoRAConfig
     from qlora70.lora import inject_lora
@@ -92,7 +102,10 @@ def setup_ours(ckpt: str, device: str, dtype: torch.dtype):
     model = load_model(ckpt, quantize="nf4", dtype=dtype, device=device, progress=False)
     torch.manual_seed(0)
     inject_lora(model, LoRAConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], targets=tuple(TARGETS)))
-    set_gradient_checkpointing(model, True)
+    if policy == "full":
+        set_gradient_checkpointing(model, True)
+    else:
+        set_gradient_checkpointing(model, True, policy=policy)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, PagedAdamW(params, lr=LR)
@@ -156,8 +169,13 @@ def worker(args) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     autocast_dtype = torch.bfloat16 if device == "cuda" else None
     t0 = time.perf_counter()
-    setup, step = (setup_ours, step_ours) if args.worker == "ours" else (setup_peers, step_peers)
-    model, params, opt = setup(args.ckpt, device, dtype)
+    if args.worker == "peers":
+        model, params, opt = setup_peers(args.ckpt, device, dtype)
+        step = step_peers
+    else:  # "ours" (full recompute) or "ours-keep" (keep the frozen base outputs)
+        policy = "keep_base_outputs" if args.worker == "ours-keep" else "full"
+        model, params, opt = setup_ours(args.ckpt, device, dtype, policy)
+        step = step_ours
     load_s = time.perf_counter() - t0
     vocab = json.load(open(os.path.join(args.ckpt, "config.json")))["vocab_size"]
     ids, labels = make_batch(vocab, args.batch, args.seq)
@@ -308,9 +326,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="run each framework this many times, alternating")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: torch's default)")
-    ap.add_argument("--frameworks", default="ours,peers")
+    ap.add_argument("--frameworks", default=None, help="comma list of ours, ours-keep, peers (default: all that "
+                    "this build supports; ours-keep = checkpointing that keeps the frozen base outputs)")
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/train_step_<mode>.json)")
-    ap.add_argument("--worker", choices=["ours", "peers"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-keep", "peers"], help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -336,8 +355,10 @@ def main() -> None:
             ckpt = os.path.join(tmp, "base")
             result["model"] = write_checkpoint(mode, ckpt)
             rows = []
+            frameworks = args.frameworks or ",".join(
+                ["ours"] + (["ours-keep"] if "keep_base_outputs" in checkpoint_policies() else []) + ["peers"])
             for _ in range(args.repeat):
-                for fw in args.frameworks.split(","):
+                for fw in frameworks.split(","):
                     r = run_worker(fw, args, ckpt)
                     rows.append(r)
                     print(f"{fw}: " + (f"{r['tokens_per_s']:.1f} tokens/s" if "error" not in r else "ERROR"),
@@ -348,22 +369,24 @@ def main() -> None:
         for r in rows:
             if "error" not in r and r["tokens_per_s"] > best.get(r["framework"], {}).get("tokens_per_s", 0):
                 best[r["framework"]] = r
-        if "ours" in best and "peers" in best:
-            o, p = best["ours"], best["peers"]
-            result["speedup"] = o["tokens_per_s"] / p["tokens_per_s"]
+        for ours in ("ours", "ours-keep"):
+            if ours not in best or "peers" not in best:
+                continue
+            o, p, sfx = best[ours], best["peers"], "" if ours == "ours" else "_keep"
+            result["speedup" + sfx] = o["tokens_per_s"] / p["tokens_per_s"]
             if o.get("tokens_per_cpu_s") and p.get("tokens_per_cpu_s"):
-                result["speedup_cpu_time"] = o["tokens_per_cpu_s"] / p["tokens_per_cpu_s"]
+                result["speedup_cpu_time" + sfx] = o["tokens_per_cpu_s"] / p["tokens_per_cpu_s"]
             if o.get("peak_rss_train_mb") and p.get("peak_rss_train_mb"):
-                result["peak_rss_train_ratio"] = o["peak_rss_train_mb"] / p["peak_rss_train_mb"]
-            result["peak_rss_total_ratio"] = o["peak_rss_total_mb"] / p["peak_rss_total_mb"]
+                result["peak_rss_train_ratio" + sfx] = o["peak_rss_train_mb"] / p["peak_rss_train_mb"]
+            result["peak_rss_total_ratio" + sfx] = o["peak_rss_total_mb"] / p["peak_rss_total_mb"]
             if "max_allocated_gb" in o:
-                result["gpu_mem_ratio"] = o["max_allocated_gb"] / p["max_allocated_gb"]
+                result["gpu_mem_ratio" + sfx] = o["max_allocated_gb"] / p["max_allocated_gb"]
         print(f"\nQLoRA train step, {args.mode}: {result['model']}, {args.batch} x {args.seq} tokens, LoRA r=64 on "
               f"{len(TARGETS)} projections, NF4+DQ, grad checkpointing\n")
         print(table(rows))
-        for k in ("speedup", "speedup_cpu_time", "peak_rss_train_ratio", "peak_rss_total_ratio", "gpu_mem_ratio"):
-            if k in result:
-                print(f"{k}: {result[k]:.2f}")
+        for k, v in result.items():
+            if k.startswith(("speedup", "peak_rss", "gpu_mem_ratio")):
+                print(f"{k}: {v:.2f}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"train_step_{args.mode}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

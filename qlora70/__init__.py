@@ -34,6 +34,7 @@ _EXPORTS = {
     "evaluate_task": "evaluate", "EvalReport": "evaluate", "reports_table": "evaluate",
     "read_gguf_metadata": "tokenizer", "export_gguf": "checkpoint", "save_hf": "checkpoint",
     "plan_memory": "planner", "generate_ids": "generation",
+    "count_parameters": "model", "quantize_model_": "model",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

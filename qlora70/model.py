@@ -187,6 +187,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
+        self.checkpoint_policy = "full"
 
     def tie_weights_(self) -> None:
         """Re-point lm_head at the embedding after the embedding Parameter was replaced (tied configs only)."""
@@ -219,8 +220,12 @@ class Llama(nn.Module):
             if use_ckpt:
                 ctx = (torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if self.checkpoint_offload
                        else contextlib.nullcontext())
+                kw = {}
+                if self.checkpoint_policy == "keep_base_outputs":  # reuse the frozen base matmuls of LoRA layers
+                    from .lora import keep_base_outputs_context_fn
+                    kw["context_fn"] = keep_base_outputs_context_fn
                 with ctx:  # checkpoint saves the layer inputs through the ambient hooks: to CPU when offloading
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **kw)
             else:
                 x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.model.norm(x)  # (B, T, D)
@@ -288,10 +293,15 @@ def quantize_model_(model: Llama, blocksize: int = 64, double_quant: bool = True
     return model
 
 
-def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, offload: bool = False) -> nn.Module:
+def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, offload: bool = False,
+                               policy: str = "full") -> nn.Module:
     """Recompute each decoder layer in backward (`torch.utils.checkpoint`, use_reentrant=False) instead of keeping its
     activations; only the layer inputs (B, T, D) are saved, on CPU when `offload` (pinned when the model is on CUDA).
+    policy "keep_base_outputs" also keeps the LoRA layers' frozen base outputs from the forward so the recomputation
+    skips those matmuls (`qlora70.lora.keep_base_outputs_context_fn`; more memory, less compute).
     Active only when gradients are enabled and no KV cache is passed."""
+    if policy not in ("full", "keep_base_outputs"):
+        raise ValueError(f"checkpoint policy must be 'full' or 'keep_base_outputs', got {policy!r}")
     target = model
     while not isinstance(target, Llama):  # accept wrappers exposing the Llama as `.model` / `.base_model`
         nxt = getattr(target, "base_model", None) or getattr(target, "model", None)
@@ -300,6 +310,7 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, offload: 
         target = nxt
     target.gradient_checkpointing = bool(enabled)
     target.checkpoint_offload = bool(offload) and bool(enabled)
+    target.checkpoint_policy = policy
     return model
 
 

@@ -42,8 +42,7 @@ class EvalSpec:
 def default_eval_specs(limit: int | None) -> list[EvalSpec]:
     """Held-out evaluation sets shipped in `data/` (disjoint from the shipped training subsets; see data/README.md)."""
     specs = [EvalSpec("medqa", "medqa", str(DATA_DIR / "medqa" / "US_4options_test_200.jsonl"), limit),
-             EvalSpec("pubmedqa", "pubmedqa", str(DATA_DIR / "pubmedqa" / "ori_pqal.json"), limit,
-                      kwargs={"ground_truth": str(DATA_DIR / "pubmedqa" / "test_ground_truth.json")}),
+             EvalSpec("pubmedqa", "pubmedqa", str(DATA_DIR / "pubmedqa"), limit),  # the 200 official-test items
              EvalSpec("usmle", "usmle", str(DATA_DIR / "usmle"), limit)]
     return [s for s in specs if os.path.exists(s.data)]
 

@@ -101,6 +101,25 @@ def _rng_from_files(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> dic
     return st
 
 
+def apply_gradient_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
+    """`qlora70.model.set_gradient_checkpointing` with the config's offload and policy (the policy is passed only when
+    the model supports it; asking for a non-default policy it does not support is an error)."""
+    import inspect
+
+    from .model import set_gradient_checkpointing
+
+    kw: dict[str, Any] = {"enabled": cfg.gradient_checkpointing, "offload": cfg.offload}
+    if "policy" in inspect.signature(set_gradient_checkpointing).parameters:
+        kw["policy"] = cfg.checkpoint_policy
+    elif cfg.checkpoint_policy != "full":
+        raise ValueError(f"TrainConfig.checkpoint_policy={cfg.checkpoint_policy!r} needs "
+                         "qlora70.model.set_gradient_checkpointing(..., policy=...), which this build lacks; use 'full'")
+    try:
+        set_gradient_checkpointing(model, **kw)
+    except TypeError as e:  # not a qlora70 Llama (e.g. a test stub): train without checkpointing
+        log.warning("gradient checkpointing not enabled: %s", e)
+
+
 class _ListLoader:
     """A fixed list of batch dicts (validation data given as a list)."""
 
@@ -163,11 +182,7 @@ class Trainer:
         self.optimizer = PagedAdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
         if cfg.gradient_checkpointing or cfg.offload:
-            try:
-                from .model import set_gradient_checkpointing
-                set_gradient_checkpointing(model, enabled=cfg.gradient_checkpointing, offload=cfg.offload)
-            except (ImportError, TypeError) as e:
-                log.warning("gradient checkpointing not enabled: %s", e)
+            apply_gradient_checkpointing(model, cfg)
         # loop state (all of it goes into checkpoints)
         self.step = 0
         self.epoch = 0

@@ -101,6 +101,11 @@ def test_quantize_lean_is_bit_identical(shape, bs, dq, chunk):
 
 def test_bf16_load(tmp_path):
     hf, d = make_hf(tmp_path)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # a bf16 file loaded as fp32: quantized without a copy
+    m32 = load_model(tmp_path / "bf16", quantize="nf4", dtype=torch.float32, progress=False)
+    ref = quantize_nf4(hf.model.layers[0].mlp.gate_proj.weight.detach().float(), 64, True)
+    got = m32.model.layers[0].mlp.gate_proj.quant
+    assert got.dtype == torch.float32 and torch.equal(got.packed, ref.packed) and torch.equal(got.absmax, ref.absmax)
     m = load_model(d, quantize="nf4", dtype=torch.bfloat16, progress=False)
     assert m.dtype == torch.bfloat16 and m.model.layers[0].self_attn.q_proj.quant.dtype == torch.bfloat16
     assert logits(m).dtype == torch.bfloat16

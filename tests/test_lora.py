@@ -389,3 +389,46 @@ def test_dropout_masks_survive_gradient_checkpointing():
         grads.append([p.grad for p in m.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_keep_base_outputs_checkpointing_matches_and_skips_base_recompute(four_bit):
+    """Selective recomputation: same grads as no checkpointing, and each base layer runs once (not twice)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora70.lora import keep_base_outputs_context_fn
+
+    def build():
+        torch.manual_seed(0)
+        l1, l2 = nn.Linear(48, 80), nn.Linear(80, 33)
+        if four_bit:
+            l1, l2 = Linear4bit.from_linear(l1), Linear4bit.from_linear(l2)
+        net = nn.Sequential(LoRALinear(l1, r=4, alpha=8, dropout=0.2), nn.GELU(), LoRALinear(l2, r=4, alpha=8,
+                                                                                          dropout=0.2))
+        randomize_b(net)
+        return net
+
+    x0 = torch.randn(3, 7, 48)
+    results = []
+    for mode in ("plain", "full", "keep"):
+        net = build()
+        calls = []
+        for m in net:
+            if isinstance(m, LoRALinear):
+                m.base_layer.register_forward_hook(lambda *a: calls.append(1))
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(1)
+        if mode == "plain":
+            y = net(x)
+        else:
+            kw = dict(context_fn=keep_base_outputs_context_fn) if mode == "keep" else {}
+            y = checkpoint(net, x, use_reentrant=False, **kw)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad, [p.grad for p in net.parameters() if p.requires_grad], len(calls)))
+    (y0, gx0, g0, c0), (y1, gx1, g1, c1), (y2, gx2, g2, c2) = results
+    assert (c0, c1, c2) == (2, 4, 2)
+    for y, gx, g in ((y1, gx1, g1), (y2, gx2, g2)):
+        torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx, gx0, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g, g0):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

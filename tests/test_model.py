@@ -194,6 +194,38 @@ def test_gradient_checkpointing_same_grads_and_fewer_saved(quant, monkeypatch):
     assert n_saved() == plain
 
 
+def test_keep_base_outputs_policy_with_lora():
+    lora = pytest.importorskip("qlora70.lora")
+    from qlora70.config import LoRAConfig
+
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9))
+    results = {}
+    for mode in ("plain", "full", "keep_base_outputs"):
+        m = quantize_model_(random_model(tiny()))
+        torch.manual_seed(0)
+        lora.inject_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, lora.LoRALinear):
+                    mod.lora_B.weight.normal_(0, 0.1)
+        calls = []
+        for mod in m.modules():
+            if isinstance(mod, Linear4bit):
+                mod.register_forward_hook(lambda *a: calls.append(1))
+        if mode != "plain":
+            set_gradient_checkpointing(m, True, policy=mode)
+        m.train()
+        m(ids).float().pow(2).mean().backward()
+        results[mode] = (len(calls), [p.grad for p in m.parameters() if p.requires_grad])
+    n = results["plain"][0]
+    assert n == 14 and results["full"][0] == 2 * n and results["keep_base_outputs"][0] == n
+    for mode in ("full", "keep_base_outputs"):
+        for a, b in zip(results["plain"][1], results[mode][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="policy"):
+        set_gradient_checkpointing(m, True, policy="fast")
+
+
 def test_bf16_forward_runs_and_tracks_fp32():
     m = random_model(tiny())
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(8))
