@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         # Reference oracles: used by tests only, never imported by the library.
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=0.34"],
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=0.34",
+                 "protobuf"],  # protobuf: transformers' slow LlamaTokenizer oracle
         "demo": [],
         # Benchmark peers (optional): torchao's NF4Tensor.
         "bench": ["torchao"],

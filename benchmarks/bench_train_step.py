@@ -6,9 +6,15 @@ labels: a random prompt prefix of 25-75% of each row is masked), same LoRA (r=64
 projections), NF4 + double quantization, gradient checkpointing, grad-norm clipping 0.3, AdamW lr 2e-4.
 
 Each framework runs in its own subprocess (so peak RSS is its own): load, one warm-up step, then timed steps.
-Reported: tokens/s (all B*T input tokens per step / step time), step time, the first step's loss (equal for both at
-B=0 init when the NF4 bytes agree), peak RSS of the training steps (VmHWM reset after loading) and of the whole process
-(loading included); on GPU, torch.cuda.max_memory_allocated.
+Rows: `ours` (qlora70, gradient checkpointing with full recomputation, as the peers), `ours-keep` (qlora70 with
+`checkpoint_policy="keep_base_outputs"`: still checkpointed per layer, but the frozen NF4 base outputs of the LoRA
+layers are kept from the forward, so the recomputation skips those matmuls; more memory, less compute), `peers`
+(transformers + peft + bitsandbytes, HF gradient checkpointing, torch AdamW on CPU / bnb PagedAdamW32bit on GPU).
+Reported: tokens/s (all B*T input tokens per step / median step time), tokens per CPU-second of the process (robust
+when other jobs share the cores; with --threads 1 it equals the single-core rate), the first step's loss (equal for
+all at B=0 init: the NF4 bytes agree), peak RSS of the training steps (VmHWM reset after loading) and of the whole
+process (loading included); on GPU, torch.cuda.max_memory_allocated. On a shared machine, compare with --threads 1:
+with 2 OpenMP threads every parallel op waits for a descheduled thread (~5 ms per op under load).
 
 Modes:
   (default)   CPU, SmolLM2-135M shape (30 layers, vocab 49152), 4 x 256 tokens per step, fp32
@@ -17,7 +23,7 @@ Modes:
   --70b-fit   CUDA, qlora70 only: one Llama-2-70B-shaped QLoRA step (random NF4 weights made layer by layer on the GPU,
               seq 1024, micro-batch 1); records the peak allocated memory (must fit in 80 GB)
 
-    python benchmarks/bench_train_step.py [--quick | --gpu | --70b-fit] [--steps N] [--out results.json]
+    python benchmarks/bench_train_step.py [--quick | --gpu | --70b-fit] [--threads N] [--steps N] [--out x.json]
 """
 from __future__ import annotations
 
@@ -211,9 +217,10 @@ def worker(args) -> dict:
 
 # ---- the 70B fit check ---------------------------------------------------------------------------------------------
 
-def fit_70b(args) -> dict:
+def fit_70b(args, name: str = "llama2-70b", device: str = "cuda") -> dict:
     """qlora70 only: a Llama-2-70B-shaped model with random NF4 weights built layer by layer on the GPU, LoRA r=64 on
-    all 7 projections, paged AdamW, gradient checkpointing, bf16 autocast; `steps` steps of 1 x 1024 tokens."""
+    all 7 projections, paged AdamW, gradient checkpointing (full recompute), bf16 autocast; `steps` steps of
+    1 x 1024 tokens. (`name`/`device` allow a small dry run on CPU.)"""
     from torch import nn
 
     from qlora70.config import LlamaConfig, LoRAConfig
@@ -224,8 +231,9 @@ def fit_70b(args) -> dict:
     from qlora70.optim import PagedAdamW
     from tqdm import tqdm
 
-    cfg = LlamaConfig.from_name("llama2-70b")
-    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    cfg = LlamaConfig.from_name(name)
+    dev, bf16 = torch.device(device), torch.bfloat16
+    cuda = dev.type == "cuda"
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = Llama(cfg)
@@ -250,22 +258,26 @@ def fit_70b(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR)
     build_s = time.perf_counter() - t0
-    weights_gb = torch.cuda.memory_allocated() / 2**30
+    weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
     ids, labels = make_batch(cfg.vocab_size, args.batch, args.seq)
     ids, labels = ids.to(dev), labels.to(dev)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(args.steps):
-        torch.cuda.synchronize()
+        sync(dev.type)
         t = time.perf_counter()
         losses.append(step_ours(model, params, opt, ids, labels, bf16))
-        torch.cuda.synchronize()
+        sync(dev.type)
         times.append(time.perf_counter() - t)
-    return {"framework": "ours", "model": "llama2-70b shape", "build_s": build_s, "weights_and_lora_gb": weights_gb,
-            "max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30, "step_s": times, "losses": losses,
-            "tokens_per_s": args.batch * args.seq / min(times), "trainable_params": sum(p.numel() for p in params),
-            "fits_80gb": torch.cuda.max_memory_reserved() < 80e9, "gpu": torch.cuda.get_device_name()}
+    out = {"framework": "ours", "model": f"{name} shape", "build_s": build_s, "weights_and_lora_gb": weights_gb,
+           "step_s": times, "losses": losses, "tokens_per_s": args.batch * args.seq / min(times),
+           "trainable_params": sum(p.numel() for p in params)}
+    if cuda:
+        out.update(max_allocated_gb=torch.cuda.max_memory_allocated() / 2**30,
+                   max_reserved_gb=torch.cuda.max_memory_reserved() / 2**30,
+                   fits_80gb=torch.cuda.max_memory_reserved() < 80e9, gpu=torch.cuda.get_device_name())
+    return out
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------------

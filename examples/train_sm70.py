@@ -47,8 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(ap)
     ap.add_argument("--no-merge", action="store_true", help="skip writing the merged checkpoint")
     ap.add_argument("--no-eval-before", action="store_true", help="skip the before-training evaluation")
+    ap.add_argument("--no-eval", action="store_true", help="skip all benchmark evaluation (validation loss still runs)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     a = ap.parse_args(argv)
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # FSDP2 across processes: the children train and save the adapter; evaluation and merging run in one process
+        from qlora70.distributed import launch, strip_nproc
+        rest = strip_nproc(sys.argv[1:] if argv is None else list(argv))[1]
+        rc = launch(a.nproc, rest + ["--no-eval", "--no-eval-before", "--no-merge"], script=os.path.abspath(__file__))
+        if rc == 0:
+            out = a.out or ("runs/demo" if (a.preset or "demo") == "demo" else "runs/sm70")
+            say(f"trained on {a.nproc} processes; evaluate with: qlora70 eval --model MODEL --adapter {out} "
+                "--task medqa --data data/medqa/US_4options_test_200.jsonl")
+        return rc
     has_gpu = torch.cuda.is_available()
     if a.preset is None:
         a.preset = "sm70" if (has_gpu and a.model) else "demo"
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                              "of them; SM70 used ~800K entries)")
         specs = default_eval_specs(cfg.get("eval_limit"))
         out = a.out or "runs/sm70"
+    if a.no_eval:
+        specs = []
     t0 = time.perf_counter()
     run_experiment(cfg, data, out, eval_specs=specs, eval_before=not a.no_eval_before, resume=a.resume,
                    save_merged=not a.no_merge, device=a.device, tokenizer_path=a.tokenizer,

@@ -35,6 +35,9 @@ _EXPORTS = {
     "read_gguf_metadata": "tokenizer", "export_gguf": "checkpoint", "save_hf": "checkpoint",
     "plan_memory": "planner", "generate_ids": "generation",
     "count_parameters": "model", "quantize_model_": "model",
+    # multi-process (FSDP2)
+    "init_distributed": "distributed", "shard_model": "distributed", "DistributedTrainer": "distributed",
+    "save_adapter_sharded": "distributed",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if argv[:1] == ["train"] and "WORLD_SIZE" not in os.environ:  # --nproc N: re-launch under torchrun
+        from .distributed import launch, strip_nproc
+        try:
+            nproc, rest = strip_nproc(argv)
+        except ValueError as e:
+            print(f"qlora70: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if nproc is not None and nproc > 1:
+            return launch(nproc, rest)
     try:
         ap = build_parser()
         a = ap.parse_args(argv)

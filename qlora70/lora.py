@@ -5,6 +5,10 @@ A targeted linear (plain `nn.Linear` or 4-bit `Linear4bit`) is replaced by a `Lo
 (alpha / sqrt(r) with rsLoRA). Module names mirror PEFT (`q_proj.base_layer`, `q_proj.lora_A`, `q_proj.lora_B`), and
 the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+
+Speed (CPU): LoRA dropout uses `FastDropout` (same semantics as nn.Dropout, ~4x cheaper mask on CPU), the B
+projection and scale fold into one `addmm`, and `keep_base_outputs_context_fn` lets a checkpointed layer keep its
+frozen base outputs instead of recomputing them (`set_gradient_checkpointing(..., policy="keep_base_outputs")`).
 """
 from __future__ import annotations
 
@@ -347,10 +351,21 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file in the same directory, then os.replace)."""
-    from safetensors.torch import save
+    """Write a safetensors file atomically (temp file in the same directory, fsync, then os.replace)."""
+    from safetensors.torch import save_file
 
-    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_save_json(obj: Any, path: str) -> None:

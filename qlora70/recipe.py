@@ -61,6 +61,10 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
                    help="start from a named recipe; explicit flags override it")
     p.add_argument("--data", action="append", help="training data file/dir (repeatable)")
     p.add_argument("--out", help="run directory (adapter, checkpoints, metrics, report)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes with FSDP2 (re-launches itself under torchrun on this host; one GPU "
+                        "per process with NCCL, else CPU + gloo); --batch-size stays the GLOBAL batch, "
+                        "--micro-batch-size is per process")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)
     p.add_argument("--seq-len", type=int)

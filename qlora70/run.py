@@ -24,7 +24,8 @@ from .recipe import DATA_DIR, resolve_train_config, write_json_atomic
 
 
 def say(msg: str) -> None:
-    print(f"[qlora70] {msg}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        print(f"[qlora70] {msg}", flush=True)
 
 
 @dataclass
@@ -120,6 +121,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
                    device: str = "auto", tokenizer_path: str | None = None, progress: bool = True,
                    eval_each_epoch: bool = False, contamination: bool = True) -> dict[str, Any]:
     from .checkpoint import load_model
+    from .distributed import DistributedTrainer, init_distributed, save_adapter_sharded
     from .config import LoRAConfig, TrainConfig
     from .data import build_dataset, contamination_check_paths
     from .lora import save_adapter
@@ -131,6 +133,12 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
+    info = init_distributed()  # rank 0 of 1 unless launched by torchrun / --nproc
+    if info.world_size > 1:
+        if eval_specs or eval_before or save_merged:
+            raise ValueError("multi-process training (--nproc > 1) trains and saves the adapter; evaluate or merge it "
+                             "afterwards in one process (qlora70 eval / qlora70 merge)")
+        dev = str(info.device)  # cuda:LOCAL_RANK (NCCL) or cpu (gloo)
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {dev!r} requested but no CUDA device is available")
     model_path = cfg["model"]
@@ -183,8 +191,9 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
             epoch_evals.append({"epoch": trainer.epoch, "step": trainer.step,
                                 **{k: {"accuracy": v.accuracy, "ci95": list(v.ci95)} for k, v in res.items()}})
 
-    trainer = Trainer(model, tc, train_data, val_data, lora_config=lora, pad_id=tok.pad_id, callbacks=[on_step],
-                      base_model_name_or_path=os.path.abspath(model_path))
+    trainer_cls = DistributedTrainer if info.world_size > 1 else Trainer
+    trainer = trainer_cls(model, tc, train_data, val_data, lora_config=lora, pad_id=tok.pad_id, callbacks=[on_step],
+                          base_model_name_or_path=os.path.abspath(model_path))
     n_train = sum(p.numel() for _, p in trainer.params)
     say(f"LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {', '.join(lora.targets)}: "
         f"{n_train / 1e6:.2f}M trainable params; {trainer.total_steps} optimizer steps of {tc.batch_size} sequences")
@@ -192,7 +201,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
                 "lora": lora.__dict__, "template": cfg["template"], "train_paths": train_paths,
                 "eval": [s.__dict__ for s in eval_specs], "device": dev, "torch": torch.__version__,
                 "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat()}
-    write_json_atomic(out / "run_config.json", resolved)
+    if info.rank == 0:
+        write_json_atomic(out / "run_config.json", resolved)
 
     val_before = None
     if eval_before and not resume:
@@ -207,7 +217,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
     train_s = time.perf_counter() - t_train
     if resume:
         step0, tokens0 = summary.get("resumed_step", step0), summary.get("resumed_tokens", tokens0)
-    save_adapter(model, out, base_model_name_or_path=os.path.abspath(model_path))
+    (save_adapter_sharded if info.world_size > 1 else save_adapter)(
+        model, out, base_model_name_or_path=os.path.abspath(model_path))
     rate = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
     say(f"at step {summary['step']} ({summary['tokens_seen']} tokens); this session {train_s:.0f}s"
         + (f", {rate[-1]:.0f} tokens/s" if rate else "") + f"; adapter -> {out / 'adapter_model.safetensors'}")
@@ -216,6 +227,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
     if val_after is not None:
         say(f"after:  held-out answer loss {val_after:.4f} (perplexity {_ppl(val_after):.2f})")
     after = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "after") if eval_specs else {}
+    if info.rank != 0:  # rank 0 writes the report
+        return {"summary": summary, "val_loss_after": val_after}
 
     merged_path = None
     if save_merged:

@@ -364,8 +364,8 @@ class Trainer:
             self._restore_sigint(old_handler)
         bar.close()
         if self.stopped_early and self.best_step is not None:
-            load_adapter(self.model, os.path.join(self.out_dir, "best_adapter"))
-        save_adapter(self.model, os.path.join(self.out_dir, "adapter"), self.base_model_name_or_path)
+            self._load_adapter(os.path.join(self.out_dir, "best_adapter"))
+        self._save_adapter(os.path.join(self.out_dir, "adapter"))
         self._plot()
         return {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "best_step": self.best_step, "stopped_early": self.stopped_early,
@@ -519,6 +519,13 @@ class Trainer:
             return self.save_checkpoint(boundary=self._boundary)
         return self.save_checkpoint()
 
+    # ---- adapter I/O (hooks: qlora70.distributed.DistributedTrainer gathers the shards to rank 0 here) -----------
+    def _save_adapter(self, out_dir: str) -> None:
+        save_adapter(self.model, out_dir, self.base_model_name_or_path)
+
+    def _load_adapter(self, adapter_dir: str) -> None:
+        load_adapter(self.model, adapter_dir)
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         """What a checkpoint must agree with to be resumed: model shape, LoRA config, trainable tensors, data order."""
@@ -581,7 +588,7 @@ class Trainer:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        save_adapter(self.model, tmp, self.base_model_name_or_path)
+        self._save_adapter(tmp)
         osd = self.optimizer.state_dict()
         tensors, meta = {}, {}
         for i, st in osd["state"].items():
@@ -615,7 +622,7 @@ class Trainer:
         tmp = os.path.join(self.out_dir, f".tmp-best-{os.getpid()}")
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-        save_adapter(self.model, tmp, self.base_model_name_or_path)
+        self._save_adapter(tmp)
         atomic_save_json({"step": self.step, "val_loss": self.best_val}, os.path.join(tmp, "best.json"))
         if os.path.isdir(final):
             trash = final + f".old-{os.getpid()}"
@@ -644,7 +651,7 @@ class Trainer:
         if diffs:
             raise ValueError(f"cannot resume from {path}: it was written for another model / LoRA config / data "
                              f"setting ({'; '.join(diffs[:6])}). Use a fresh out_dir or the original settings")
-        load_adapter(self.model, path)
+        self._load_adapter(path)
         opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
         o = state["optimizer"]
         osd = {"param_groups": o["param_groups"], "optim_bits": o["optim_bits"], "state": {}}

@@ -129,3 +129,17 @@ def test_console_script_and_usage_errors():
     r = subprocess.run([sys.executable, "-m", "qlora70.cli", "plan", "--model", "llama2-7b"], capture_output=True,
                        text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0 and "total (peak)" in r.stdout
+
+
+def test_train_nproc2_equals_one_process(tiny_model, tmp_path):
+    """`qlora70 train --nproc 2` (FSDP2, gloo, CPU) gives the adapter of one process with the same global batch."""
+    from safetensors.torch import load_file
+    common = ["train", "--model", tiny_model, "--data", MEADOW, "--preset", "demo", "--max-steps", 3,
+              "--seq-len", 64, "--batch-size", 8, "--lora-dropout", 0, "--lora-r", 8, "--val-size", 0,
+              "--save-every", 0, "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(*common, "--micro-batch-size", 4, "--out", one) == 0
+    assert run_cli(*common, "--micro-batch-size", 2, "--nproc", 2, "--out", two) == 0
+    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

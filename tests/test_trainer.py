@@ -297,3 +297,38 @@ def test_bad_train_config(kw, match):
 def test_trainer_without_lora_config_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         Trainer(build_model(), config(tmp_path), build_data())
+
+
+def test_keep_base_outputs_policy_gives_the_same_run(tmp_path):
+    runs = []
+    for policy in ("full", "keep_base_outputs"):
+        t = Trainer(build_model(), config(tmp_path / policy, max_steps=3, save_every=0, checkpoint_policy=policy),
+                    build_data(), lora_config=LORA)
+        assert t.model.checkpoint_policy == policy and t.model.gradient_checkpointing
+        t.train()
+        runs.append((train_losses(t), adapter_tensors(tmp_path / policy)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_sigint_during_optimizer_step_finishes_the_step(tmp_path, reference_run):
+    """A real SIGINT arriving inside optimizer.step is deferred: the step completes, a checkpoint of it is written,
+    and the resumed run equals the uninterrupted one."""
+    kw, _, ref_losses, ref_adapter = reference_run
+    out = tmp_path / "run"
+    t = Trainer(build_model(), config(out, **kw), build_data(n=16), lora_config=LORA)
+    step = t.optimizer.step
+
+    def step_with_sigint(*a, **k):
+        if t.step == 4:  # the 5th optimizer step (t.step counts completed steps)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*a, **k)
+
+    t.optimizer.step = step_with_sigint
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert json.load(open(out / "checkpoints" / "latest.json"))["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the SIGINT handler was restored"
+    t2 = Trainer(build_model(), config(out, **kw), build_data(n=16), lora_config=LORA)
+    t2.train()
+    assert_same_run(t2, out, ref_losses, ref_adapter)
