@@ -151,8 +151,8 @@ class LoRALinear(nn.Module):
 
     x (..., in) -> base(x) + lora_B(lora_A(dropout(x))) * scale, shape (..., out). lora_A [r, in] is Kaiming-uniform
     (a = sqrt(5), as PEFT), lora_B [out, r] is zero, so a fresh adapter leaves the output unchanged. LoRA weights are
-    fp32 (master weights); the branch runs in the input's dtype (or the autocast dtype) and is added in the base output's
-    dtype.
+    fp32 (master weights); the branch runs in the input's dtype (or the autocast dtype) and is added in the base
+    output's dtype.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -350,7 +350,8 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str,
+                            metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file in the same directory, fsync, then os.replace)."""
     from safetensors.torch import save_file
 
@@ -449,7 +450,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                   ("targets", sorted(have.targets), sorted(cfg.targets)),
                   ("use_rslora", have.use_rslora, cfg.use_rslora)) if a != b]
         if diffs:
-            raise ValueError(f"{adapter_dir}: adapter LoRA config differs from the model's LoRA layers ({'; '.join(diffs)})")
+            raise ValueError(f"{adapter_dir}: adapter LoRA config differs from the model's LoRA layers "
+                             f"({'; '.join(diffs)})")
     else:
         inject_lora(model, cfg)
     expected = {}

@@ -24,10 +24,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  lora_r=64, lora_alpha=16.0, lora_dropout=0.1, warmup_ratio=0.03, lr_schedule="constant",
                  max_grad_norm=0.3, paged=True, optim_bits=32, gradient_checkpointing=True, eval_each_epoch=True,
                  eval_limit=None, val_size=0.01, save_every=200, eval_every=200, template="sm70"),
-    "demo": dict(model=None, seq_len=256, batch_size=8, micro_batch_size=4, epochs=1, max_steps=40, lr=3e-4,
+    "demo": dict(model=None, seq_len=256, batch_size=8, micro_batch_size=4, epochs=1, max_steps=30, lr=3e-4,
                  lora_r=64, lora_alpha=16.0, lora_dropout=0.1, warmup_ratio=0.03, lr_schedule="constant",
                  max_grad_norm=0.3, paged=True, optim_bits=32, gradient_checkpointing=True, eval_each_epoch=False,
-                 eval_limit=100, val_size=48, save_every=20, eval_every=20, template="sm70"),
+                 eval_limit=100, val_size=48, save_every=10, eval_every=10, template="sm70"),
 }
 
 

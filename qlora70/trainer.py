@@ -6,8 +6,8 @@ weighs the same whatever micro-batch it landed in (not a mean of per-micro-batch
 
 Data: `train_data` is a `qlora70.data.TokenizedData` (the trainer holds out the validation split and builds
 `qlora70.data.Batches` of `micro_batch_size`, length-grouped) or any loader with the same protocol: iterating yields
-micro-batch dicts (`input_ids`, `labels` (B, T) long, optional `attention_mask`, `position_ids`, `document_ids`) from the
-current position to the end of the epoch and then moves to the next epoch; `len()` is micro-batches per epoch;
+micro-batch dicts (`input_ids`, `labels` (B, T) long, optional `attention_mask`, `position_ids`, `document_ids`) from
+the current position to the end of the epoch and then moves to the next epoch; `len()` is micro-batches per epoch;
 `state_dict()` / `load_state_dict()` save and restore the position (JSON-serializable).
 
 Output directory (`TrainConfig.out_dir`):
@@ -54,7 +54,7 @@ RESUME_FIXED = ("seed", "batch_size", "micro_batch_size", "seq_len", "val_fracti
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup (step+1)/warmup, then constant or cosine to 0."""
+    """LR multiplier for optimizer step `step` (0-based): linear warmup (step+1)/warmup, then constant or cosine."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -101,19 +101,24 @@ def _rng_from_files(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> dic
     return st
 
 
-def apply_gradient_checkpointing(model: nn.Module, cfg: TrainConfig) -> None:
-    """`qlora70.model.set_gradient_checkpointing` with the config's offload and policy (the policy is passed only when
-    the model supports it; asking for a non-default policy it does not support is an error)."""
+def apply_gradient_checkpointing(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """`qlora70.model.set_gradient_checkpointing` with the config's offload and policy ("auto": keep_base_outputs on
+    CPU, full on CUDA). A policy other than full/auto needs a model that supports it."""
     import inspect
 
     from .model import set_gradient_checkpointing
 
+    policy = cfg.checkpoint_policy
+    supported = "policy" in inspect.signature(set_gradient_checkpointing).parameters
+    if policy == "auto":
+        policy = "keep_base_outputs" if device.type == "cpu" and supported else "full"
     kw: dict[str, Any] = {"enabled": cfg.gradient_checkpointing, "offload": cfg.offload}
-    if "policy" in inspect.signature(set_gradient_checkpointing).parameters:
-        kw["policy"] = cfg.checkpoint_policy
-    elif cfg.checkpoint_policy != "full":
+    if supported:
+        kw["policy"] = policy
+    elif policy != "full":
         raise ValueError(f"TrainConfig.checkpoint_policy={cfg.checkpoint_policy!r} needs "
-                         "qlora70.model.set_gradient_checkpointing(..., policy=...), which this build lacks; use 'full'")
+                         "qlora70.model.set_gradient_checkpointing(..., policy=...), which this build lacks; "
+                         "use 'full'")
     try:
         set_gradient_checkpointing(model, **kw)
     except TypeError as e:  # not a qlora70 Llama (e.g. a test stub): train without checkpointing
@@ -182,7 +187,7 @@ class Trainer:
         self.optimizer = PagedAdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                     weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
         if cfg.gradient_checkpointing or cfg.offload:
-            apply_gradient_checkpointing(model, cfg)
+            apply_gradient_checkpointing(model, cfg, self.device)
         # loop state (all of it goes into checkpoints)
         self.step = 0
         self.epoch = 0
@@ -405,7 +410,8 @@ class Trainer:
         self._in_update = True
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / n_lab if n_lab else float("nan")
-        return {"step": self.step + 1, "epoch": self.epoch + (self.micro_in_epoch + len(window)) / len(self.train_loader),
+        epoch = self.epoch + (self.micro_in_epoch + len(window)) / len(self.train_loader)
+        return {"step": self.step + 1, "epoch": epoch,
                 "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_lab, "tokens": n_tok,
                 "step_time_s": time.perf_counter() - t0}
 

@@ -104,7 +104,7 @@ def test_accumulation_normalizes_by_window_tokens(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-# ---- resume -------------------------------------------------------------------------------------------------------------
+# ---- resume ---------------------------------------------------------------------------------------------------
 
 class Interrupt:
     """A callback raising KeyboardInterrupt after step `at` (like Ctrl-C between steps)."""
@@ -287,7 +287,7 @@ def test_lr_schedule():
     (dict(lr_schedule="linear"), "lr_schedule"), (dict(warmup_ratio=1.0), "warmup_ratio"),
     (dict(val_fraction=0.1, val_size=3), "not both"), (dict(early_stopping_patience=2), "validation split"),
     (dict(optim_bits=4), "optim_bits"), (dict(micro_batch_size=0), "micro_batch_size"),
-    (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"), (dict(checkpoint_policy="some"), "checkpoint_policy"),
 ])
 def test_bad_train_config(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -308,6 +308,8 @@ def test_keep_base_outputs_policy_gives_the_same_run(tmp_path):
         t.train()
         runs.append((train_losses(t), adapter_tensors(tmp_path / policy)))
     assert runs[0][0] == runs[1][0]
+    t = Trainer(build_model(), config(tmp_path / "auto", max_steps=1), build_data(), lora_config=LORA)
+    assert t.model.checkpoint_policy == "keep_base_outputs", "auto keeps base outputs on CPU"
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
