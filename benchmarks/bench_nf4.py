@@ -41,7 +41,7 @@ def _timeit(fn, device, reps: int) -> float:
     return best
 
 
-def _peers(device):
+def _peers(device, skip=()):
     peers = {}
     try:
         import bitsandbytes.functional as F
@@ -56,6 +56,8 @@ def _peers(device):
     except Exception as e:  # pragma: no cover
         print(f"[bench] bitsandbytes unavailable: {e}")
     try:
+        if "torchao" in skip:
+            raise ImportError("skipped")
         try:
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
         except ImportError:
@@ -67,10 +69,10 @@ def _peers(device):
     return peers
 
 
-def run(shapes: dict, devices: list[torch.device], reps: int) -> list[dict]:
+def run(shapes: dict, devices: list[torch.device], reps: int, skip=()) -> list[dict]:
     rows = []
     for device in devices:
-        peers = _peers(device)
+        peers = _peers(device, skip)
         ours_dq = (lambda q: ops.dequantize(q, torch.bfloat16)) if device.type == "cuda" else \
             (lambda q: dequantize_nf4(q, torch.bfloat16))
         for name, shape in shapes.items():
@@ -102,13 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", default="benchmarks/out/bench_nf4.json")
+    ap.add_argument("--skip", action="append", default=[], help="skip a peer (e.g. --skip torchao: slow on CPU)")
     a = ap.parse_args(argv)
     shapes = {"4096x4096": SHAPES["4096x4096"]} if a.quick else SHAPES
     if a.device == "auto":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [torch.device(a.device)]
-    rows = run(shapes, devices, a.reps)
+    rows = run(shapes, devices, a.reps, tuple(a.skip))
     print(f"\n{'device':6} {'shape':26} {'op':10} {'impl':13} {'ms':>9} {'GB/s':>7} {'vs best peer':>12}")
     for r in rows:
         vs = f"{r['vs_best_peer']:.2f}x" if r["vs_best_peer"] else ""

@@ -650,11 +650,16 @@ def launch(nproc: int, argv: list[str] | None = None, module: str = "qlora70.cli
     target = [script] if script is not None else ["--module", module]
     args = get_args_parser().parse_args(["--nnodes=1", "--node_rank=0", f"--nproc_per_node={nproc}",
                                          "--master_addr=127.0.0.1", f"--master_port={port}", *target, *argv])
+    import signal
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         run(args)
     except Exception as e:  # torchrun's ChildFailedError names the failing rank and its traceback
         log.error("torchrun: %s", e)
         return 1
+    finally:  # torchrun installs its own handlers; give the caller (e.g. a Trainer's Ctrl-C handling) its own back
+        for sig, h in saved.items():
+            signal.signal(sig, h)
     return 0
 
 

@@ -17,13 +17,6 @@ from qlora70.nf4 import quantize_nf4
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    monkeypatch.setenv("QLORA70_BACKEND", "torch")  # reference NF4 path even under TRITON_INTERPRET=1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 shared cores are oversubscribed otherwise
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_config(tie=False, kv=2, theta=10000.0):

@@ -125,12 +125,6 @@ def losses(history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in history if key in r]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,6 @@ from qlora70.generation import generate, generate_ids, sample_next
 from qlora70.model import Llama, quantize_model_
 
 
-@pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    monkeypatch.setenv("QLORA70_BACKEND", "torch")  # reference NF4 path even under TRITON_INTERPRET=1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 shared cores are oversubscribed otherwise
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(seed=0, quant=False) -> Llama:

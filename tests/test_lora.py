@@ -18,13 +18,6 @@ from qlora70.model import Llama, quantize_model_
 from qlora70.nf4 import quantize_nf4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast and immune to oversubscription by parallel test runs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_llama(seed: int = 0, quantize: bool = False, **overrides) -> Llama:

@@ -8,12 +8,6 @@ import torch.nn.functional as F
 from qlora70.losses import chunked_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make(B=3, T=17, D=24, V=101, seed=0, mask_frac=0.4, dtype=torch.float32):

@@ -8,15 +8,6 @@ from qlora70.layers import Linear4bit
 from qlora70.model import KVCache, Llama, count_parameters, quantize_model_, set_gradient_checkpointing
 
 
-@pytest.fixture(autouse=True)
-def _cpu_env(monkeypatch):
-    # reference torch path for NF4 (TRITON_INTERPRET=1 would route to the interpreter) and one thread: the 2 shared
-    # cores are oversubscribed otherwise (measured 10x slower with 2 threads under load)
-    monkeypatch.setenv("QLORA70_BACKEND", "torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> LlamaConfig:

@@ -8,13 +8,6 @@ from qlora70.nf4 import create_dynamic_map
 from qlora70.optim import PagedAdamW, dequantize_state, quantize_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast and immune to oversubscription by parallel test runs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def make_params(seed: int = 0, shapes=((300, 37), (7,), (64, 129), (5000,))):

@@ -254,9 +254,17 @@ def test_llama2_against_transformers():
         shutil.copy(LLAMA2_MODEL, Path(d) / "tokenizer.model")
         ref = transformers.LlamaTokenizer.from_pretrained(d, legacy=True)
         tok = load_tokenizer(d)
-        for t in TEXTS + medical_texts(100):
-            if "<s>" not in t and "</s>" not in t:
-                assert tok.encode(t, bos=True) == ref.encode(t), repr(t)
+        # transformers 5's LlamaTokenizer (a `tokenizers` conversion of the model) departs from sentencepiece itself,
+        # our reference (tested above), on whitespace runs, leading spaces and empty text: e.g. "Next  para" is
+        # [9190, 259, 22752] there and [9190, 29871, 1702] in sentencepiece. Compare where the two agree by design.
+        for t in [x for x in TEXTS + medical_texts(100) if "  " not in x and " \n" not in x]:
+            # transformers drops BOS (and differs from sentencepiece) on empty / whitespace-only strings; we follow
+            # Meta's reference: [bos] + sentencepiece.encode(text) (compared with sentencepiece in the tests above)
+            # transformers' slow tokenizer also drops the dummy-prefix piece of a leading space (sentencepiece keeps it)
+            if "<s>" not in t and "</s>" not in t and t.strip() and not t[0].isspace():
+                assert tok.encode(t) == ref.encode(t, add_special_tokens=False), repr(t)
+                assert tok.encode(t, bos=True) == [ref.bos_token_id] + ref.encode(t, add_special_tokens=False)
+        assert tok.encode("", bos=True) == [1]
 
 
 LLAMA2_HF_TEMPLATE = (  # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json

@@ -24,13 +24,6 @@ from qlora70.trainer import Trainer, lr_factor
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, deterministic, and immune to oversubscription by parallel test runs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def build_model(seed: int = 0, **overrides) -> Llama:

@@ -132,3 +132,22 @@ def iter_jsonl(path: Path):
                 yield i, json.loads(line), None
             except json.JSONDecodeError:
                 yield i, None, "invalid_json"
+
+
+def collect_items(data: "TaskData", rows, name: str, make_item) -> "TaskData":
+    """Turn (index, record, read_error) rows into items of `data`; each bad record is excluded with its id
+    (`name:index`) and reason, never raised. `make_item(record, rid) -> (EvalItem | None, reason)`."""
+    for i, rec, err in rows:
+        rid = f"{name}:{i}"
+        if err:
+            data.exclude(rid, err)
+            continue
+        if not isinstance(rec, dict):
+            data.exclude(rid, "not_an_object")
+            continue
+        item, reason = make_item(rec, rid)
+        if item is None:
+            data.exclude(rid, reason)
+        else:
+            data.items.append(item)
+    return data

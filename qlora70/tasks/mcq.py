@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .base import LETTERS, EvalItem, TaskData, check_file, iter_jsonl, option_problem, read_json
+from .base import LETTERS, EvalItem, TaskData, check_file, collect_items, iter_jsonl, option_problem, read_json
 
 
 def load_mcq(path: str | os.PathLike) -> TaskData:
@@ -25,20 +25,7 @@ def load_mcq(path: str | os.PathLike) -> TaskData:
         rows = ((i, r, None) for i, r in enumerate(recs))
     else:
         rows = iter_jsonl(p)
-    for i, rec, err in rows:
-        rid = f"{p.name}:{i}"
-        if err:
-            data.exclude(rid, err)
-            continue
-        if not isinstance(rec, dict):
-            data.exclude(rid, "not_an_object")
-            continue
-        item, reason = mcq_item(rec, rid)
-        if item is None:
-            data.exclude(rid, reason)
-        else:
-            data.items.append(item)
-    return data
+    return collect_items(data, rows, p.name, mcq_item)
 
 
 def mcq_item(rec: dict, rid: str) -> tuple[EvalItem | None, str]:

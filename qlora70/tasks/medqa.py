@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .base import EvalItem, TaskData, check_file, iter_jsonl, option_problem
+from .base import EvalItem, TaskData, check_file, collect_items, iter_jsonl, option_problem
 
 
 def load_medqa(path: str | os.PathLike) -> TaskData:
@@ -13,20 +13,7 @@ def load_medqa(path: str | os.PathLike) -> TaskData:
     if p.is_dir():
         raise ValueError(f"MedQA: {p} is a directory; pass one .jsonl file (e.g. US_4options_..._test.jsonl)")
     data = TaskData(task="medqa", files=[str(p)])
-    for i, rec, err in iter_jsonl(p):
-        rid = f"{p.name}:{i}"
-        if err:
-            data.exclude(rid, err)
-            continue
-        if not isinstance(rec, dict):
-            data.exclude(rid, "not_an_object")
-            continue
-        item, reason = medqa_item(rec, rid)
-        if item is None:
-            data.exclude(rid, reason)
-        else:
-            data.items.append(item)
-    return data
+    return collect_items(data, iter_jsonl(p), p.name, medqa_item)
 
 
 def medqa_item(rec: dict, rid: str) -> tuple[EvalItem | None, str]:
