@@ -5,7 +5,6 @@ Errors are one clear line on stderr and a non-zero exit (add `--debug` for the t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -81,7 +80,8 @@ def cmd_plan(a) -> int:
           f"LoRA r={a.lora_r}")
     print(p.table())
     if a.json:
-        _write_json(a.json, p.to_dict())
+        from .recipe import write_json_atomic
+        write_json_atomic(a.json, p.to_dict())
     if p.fits is False:
         print(f"does not fit: predicted {p.total / GiB:.1f} GiB > {p.gpu_memory / GiB:.1f} GiB. Try "
               f"--micro-batch-size {max(1, p.max_micro_batch or 1)}, --offload, --optim-bits 8", file=sys.stderr)
@@ -159,14 +159,6 @@ def cmd_train(a) -> int:
         _need_path(p, "--data")
     run_train(a)
     return 0
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

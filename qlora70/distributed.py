@@ -515,12 +515,7 @@ class DistributedTrainer(Trainer):
             self.optimizer.step()
         else:
             log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
-        self._in_update = True
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum / n_lab if n_lab else float("nan")
-        epoch = self.epoch + (self.micro_in_epoch + len(window)) / len(self.train_loader)
-        return {"step": self.step + 1, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_lab, "tokens": n_tok,
-                "step_time_s": time.perf_counter() - t0}
+        return self._close_step(window, t0, lr, loss_sum, n_lab, n_tok, grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -352,21 +352,10 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str,
                             metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file in the same directory, fsync, then os.replace)."""
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically (through `_atomic_write_bytes`: temp file, fsync, os.replace)."""
+    from safetensors.torch import save
 
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def atomic_save_json(obj: Any, path: str) -> None:

@@ -407,6 +407,11 @@ class Trainer:
             self.optimizer.step()
         else:
             log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
+        return self._close_step(window, t0, lr, loss_sum, n_lab, n_tok, grad_norm)
+
+    def _close_step(self, window: list, t0: float, lr: float, loss_sum: float, n_lab: int, n_tok: int,
+                    grad_norm: float | None) -> dict:
+        """Release the gradients and build the step's metrics record (shared with DistributedTrainer)."""
         self._in_update = True
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / n_lab if n_lab else float("nan")
