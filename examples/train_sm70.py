@@ -27,7 +27,7 @@ import time
 import torch
 
 from qlora70.recipe import DATA_DIR, add_train_args, resolve_train_config
-from qlora70.run import EvalSpec, default_eval_specs, run_experiment, say
+from qlora70.run import default_eval_specs, run_experiment, say
 
 
 def smollm2_gguf() -> str | None:

@@ -10,7 +10,6 @@ Every hyperparameter can be overridden on the command line; the resolved config 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -132,7 +131,3 @@ def run_train(a: argparse.Namespace) -> dict:
     """`qlora70 train`: implemented in `qlora70.run` (kept separate so this module stays import-light)."""
     from .run import train_from_args
     return train_from_args(a)
-
-
-def asdict_safe(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -7,11 +7,9 @@ PEFT format at `<out>/adapter_model.safetensors` + `<out>/adapter_config.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -212,11 +210,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
         before = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "before")
 
     t_train = time.perf_counter()
-    step0, tokens0 = trainer.step, trainer.tokens_seen
     summary = trainer.train(resume="auto" if resume else False)
     train_s = time.perf_counter() - t_train
-    if resume:
-        step0, tokens0 = summary.get("resumed_step", step0), summary.get("resumed_tokens", tokens0)
     (save_adapter_sharded if info.world_size > 1 else save_adapter)(
         model, out, base_model_name_or_path=os.path.abspath(model_path))
     rate = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
@@ -248,7 +243,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
               "adapter": str(out / "adapter_model.safetensors"), "merged": merged_path,
               "metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss_curve.png")}
     write_json_atomic(out / "report.json", report)
-    md = [f"# qlora70 run report", "", f"- model: `{model_path}` on {dev}; {summary['step']} steps, "
+    md = ["# qlora70 run report", "", f"- model: `{model_path}` on {dev}; {summary['step']} steps, "
           f"{summary['tokens_seen']} tokens in {train_s:.0f}s",
           f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets {', '.join(lora.targets)}",
           f"- data: {len(train_data)} train / {0 if val_data is None else len(val_data)} validation examples, "
@@ -259,8 +254,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
         md += ["## Reading it honestly", ""] + [f"- {n}" for n in notes] + [""]
     if contam:
         md += ["## Contamination check", "", contam["markdown"], ""]
-    md += ["## Files", "", f"- adapter: `adapter_model.safetensors`, `adapter_config.json` (PEFT format)",
-           f"- metrics: `metrics.jsonl`, loss curve: `loss_curve.png`", f"- per-task reports: `eval/`"]
+    md += ["## Files", "", "- adapter: `adapter_model.safetensors`, `adapter_config.json` (PEFT format)",
+           "- metrics: `metrics.jsonl`, loss curve: `loss_curve.png`", "- per-task reports: `eval/`"]
     if merged_path:
         md.append(f"- merged checkpoint: `{os.path.relpath(merged_path, out)}`")
     tmp = out / ".report.md.tmp"
