@@ -6,6 +6,8 @@
 
 GB/s counts the bytes a kernel must move: quantize reads 2 B/elem (bf16) and writes ~0.52 B/elem; dequantize reads
 ~0.52 B/elem and writes 2 B/elem (bf16). "vs best peer" is the ratio of the fastest peer's time to ours (>1: we win).
+"dequantize" allocates its output (first-touch page faults included, as a user's call pays them); "dequant->buf" writes
+into a preallocated buffer (the decode alone). Each implementation is timed in two interleaved rounds, best kept.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from datetime import datetime, timezone
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from qlora70 import ops  # noqa: E402
+# The package must be installed (`make test` / `pip install -e .`): putting the repo root on sys.path would expose
+# kernels/ as a top-level `kernels` module, which bitsandbytes tries to import as the PyPI `kernels` package.
+from qlora70 import native, ops  # noqa: E402
 from qlora70.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "70b q/o_proj 8192x8192": (8192, 8192), "70b k/v_proj 1024x8192": (1024, 8192),
@@ -49,8 +52,8 @@ def _peers(device, skip=()):
         def bnb_q(w):
             return F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
 
-        def bnb_dq(state):
-            return F.dequantize_4bit(*state)
+        def bnb_dq(state, out=None):
+            return F.dequantize_4bit(*state, out=out)
 
         peers["bitsandbytes"] = (bnb_q, bnb_dq)
     except Exception as e:  # pragma: no cover
@@ -63,7 +66,8 @@ def _peers(device, skip=()):
         except ImportError:
             from torchao.dtypes.nf4tensor import to_nf4
 
-        peers["torchao"] = (lambda w: to_nf4(w, 64, 256), lambda t: t.get_original_weight())
+        peers["torchao"] = (lambda w: to_nf4(w, 64, 256), lambda t, out=None: t.get_original_weight() if out is None
+                            else out.copy_(t.get_original_weight()))
     except Exception:
         pass
     return peers
@@ -73,24 +77,41 @@ def run(shapes: dict, devices: list[torch.device], reps: int, skip=()) -> list[d
     rows = []
     for device in devices:
         peers = _peers(device, skip)
-        ours_dq = (lambda q: ops.dequantize(q, torch.bfloat16)) if device.type == "cuda" else \
-            (lambda q: dequantize_nf4(q, torch.bfloat16))
+        ours_dq = (lambda q, out=None: ops.dequantize(q, torch.bfloat16, out=out)) if device.type == "cuda" else \
+            (lambda q, out=None: dequantize_nf4(q, torch.bfloat16, out=out))
         for name, shape in shapes.items():
             n = shape[0] * shape[1]
             w = (torch.randn(shape, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16)
             q = quantize_nf4(w)
             qbytes = q.nbytes
-            res = {"ours": (_timeit(lambda: quantize_nf4(w), device, reps), _timeit(lambda: ours_dq(q), device, reps))}
+            buf = torch.empty(shape, device=device, dtype=torch.bfloat16)
+            impls = {"ours": (quantize_nf4, ours_dq, q)}
             for pname, (pq, pdq) in peers.items():
                 try:
-                    st = pq(w)
-                    res[pname] = (_timeit(lambda: pq(w), device, reps), _timeit(lambda: pdq(st), device, reps))
+                    impls[pname] = (pq, pdq, pq(w))
                 except Exception as e:  # a peer that cannot run this shape/device is reported, not fatal
                     print(f"[bench] {pname} failed on {name} ({device}): {e}")
-            for op, i, moved in (("quantize", 0, 2 * n + qbytes), ("dequantize", 1, qbytes + 2 * n)):
-                peer_times = [v[i] for k, v in res.items() if k != "ours"]
+            res: dict[str, list] = {k: [float("inf")] * 3 for k in impls}
+            failed: set = set()
+            for _round in range(2):  # interleaved rounds, best kept: machine noise hits every implementation alike
+                for pname, (pq, pdq, st) in impls.items():
+                    fns = (lambda: pq(w), lambda: pdq(st), lambda: pdq(st, out=buf))
+                    for i, fn in enumerate(fns):
+                        if (pname, i) in failed:
+                            continue
+                        try:
+                            res[pname][i] = min(res[pname][i], _timeit(fn, device, reps))
+                        except Exception as e:  # e.g. bitsandbytes' CPU backend has no `out=` variant
+                            failed.add((pname, i))
+                            print(f"[bench] {pname} op {i} failed on {name} ({device}): {str(e).splitlines()[0][:160]}")
+            ops_ = (("quantize", 0, 2 * n + qbytes), ("dequantize", 1, qbytes + 2 * n),
+                    ("dequant->buf", 2, qbytes + 2 * n))
+            for op, i, moved in ops_:
+                peer_times = [v[i] for k, v in res.items() if k != "ours" and (k, i) not in failed]
                 best_peer = min(peer_times) if peer_times else None
                 for impl, v in res.items():
+                    if (impl, i) in failed:
+                        continue
                     rows.append(dict(device=str(device), shape=name, op=op, impl=impl, seconds=v[i],
                                      gb_per_s=moved / v[i] / 1e9,
                                      vs_best_peer=(best_peer / v[i]) if (best_peer and impl == "ours") else None))
@@ -111,6 +132,7 @@ def main(argv=None) -> int:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [torch.device(a.device)]
+    print(f"CPU fast path: {native.native_status()} ({native.simd() or '-'}), torch threads {torch.get_num_threads()}")
     rows = run(shapes, devices, a.reps, tuple(a.skip))
     print(f"\n{'device':6} {'shape':26} {'op':10} {'impl':13} {'ms':>9} {'GB/s':>7} {'vs best peer':>12}")
     for r in rows:
@@ -119,7 +141,8 @@ def main(argv=None) -> int:
               f"{r['gb_per_s']:7.2f} {vs:>12}")
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                 cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, command=" ".join(sys.argv))
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, command=" ".join(sys.argv),
+                cpu_native=native.native_status(), cpu_simd=native.simd())
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as fh:

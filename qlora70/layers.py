@@ -49,12 +49,22 @@ class Linear4bit(nn.Module):
 
     @property
     def quant(self) -> NF4Weight:
-        """The NF4Weight view of this module's tensors (no copy)."""
+        """The NF4Weight view of this module's tensors (no copy). Built (and validated) once and reused while the
+        underlying tensors stay the same objects at the same addresses; `.to()`, `load_state_dict()` and FSDP's
+        all-gather swap them, which rebuilds the view."""
+        tensors = (self.weight, self.weight_absmax, self.weight_quant_map, self.weight_nested_absmax,
+                   self.weight_nested_quant_map)
+        key = tuple((id(t), t.data_ptr(), t.device) if t is not None else None for t in tensors) + (id(self._meta),)
+        tensors = (self.weight.data,) + tensors[1:]
+        cached = self.__dict__.get("_quant_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         m = self._meta
-        return NF4Weight(packed=self.weight.data, absmax=self.weight_absmax, shape=m["shape"], dtype=m["dtype"],
-                         blocksize=m["blocksize"], quant_map=self.weight_quant_map,
-                         nested_absmax=self.weight_nested_absmax, nested_quant_map=self.weight_nested_quant_map,
-                         offset=m["offset"], nested_blocksize=m["nested_blocksize"])
+        q = NF4Weight(packed=tensors[0], absmax=tensors[1], shape=m["shape"], dtype=m["dtype"],
+                      blocksize=m["blocksize"], quant_map=tensors[2], nested_absmax=tensors[3],
+                      nested_quant_map=tensors[4], offset=m["offset"], nested_blocksize=m["nested_blocksize"])
+        self.__dict__["_quant_cache"] = (key, q)
+        return q
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return ops.dequantize(self.quant, dtype, backend=self.backend)

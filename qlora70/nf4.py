@@ -27,6 +27,8 @@ from typing import Mapping
 
 import torch
 
+from . import native
+
 NF4_CODES = torch.tensor(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -76,13 +78,6 @@ def _dynamic_map(device: str) -> torch.Tensor:
 def _midpoints(kind: str, device: str) -> torch.Tensor:
     code = NF4_CODES if kind == "nf4" else create_dynamic_map(signed=True)
     return ((code[:-1] + code[1:]) / 2).to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_lut(device: str) -> torch.Tensor:
-    """fp32 [256, 2]: the two NF4 code values (high nibble, low nibble) of every byte."""
-    b = torch.arange(256)
-    return torch.stack([NF4_CODES[b >> 4], NF4_CODES[b & 0xF]], dim=1).to(device)
 
 
 def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
@@ -309,6 +304,18 @@ class NF4Weight:
             raise type(e)(f"{source}: {p}: {e}") from None
 
 
+def _quantize_torch(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pure-torch reference: fp32 flat [n] -> (packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks], #NaN/inf)."""
+    bad = int((~torch.isfinite(flat)).sum())
+    if bad:
+        return flat.new_empty(0, dtype=torch.uint8), flat.new_empty(0), bad
+    absmax = _blockwise_absmax(flat, blocksize)
+    codes = _quantize_codes(flat, absmax, blocksize, _midpoints("nf4", str(flat.device)))
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
+    return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1), absmax, 0
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a 2-D float weight [out, in] to NF4 (bitsandbytes byte layout), with optional double quantization.
 
@@ -323,16 +330,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty weight of shape {tuple(w.shape)}")
     _check_blocksize(blocksize)
-    flat = w.reshape(-1).float()
-    if not bool(torch.isfinite(flat).all()):
-        bad = int((~torch.isfinite(flat)).sum())
+    if w.device.type == "cpu" and native.available():  # fused C loop, same bytes, no fp32 copy of w
+        packed, absmax, bad = native.quantize(w.reshape(-1).contiguous(), blocksize, _midpoints("nf4", "cpu"),
+                                              NF4_ZERO_CODE)
+        packed = packed.unsqueeze(1)
+    else:
+        packed, absmax, bad = _quantize_torch(w.reshape(-1).float(), blocksize)
+    if bad:
         raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} has {bad} NaN/inf values; "
                          "fix the checkpoint (or the training run that produced it) before quantizing")
-    absmax = _blockwise_absmax(flat, blocksize)
-    codes = _quantize_codes(flat, absmax, blocksize, _midpoints("nf4", str(flat.device)))
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
-    packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
     if not double_quant:
         return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     offset = absmax.mean()
@@ -341,25 +347,39 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
                      nested_absmax=nested_absmax, offset=float(offset.item()))
 
 
-def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode an `NF4Weight` to a dense [out, in] tensor (fp32 math, one cast). Reference path for the kernels.
 
-    On CPU it works through cache-sized chunks of packed bytes (byte -> two code values by a 256-entry table, scaled
-    in place by the block's absmax, then cast into the output), which is ~5x faster than one whole-tensor pass.
+    `out`: an optional contiguous [out, in] buffer of `dtype` on q's device to write into (and return).
+    On CPU this runs the fused C loop of `qlora70.native` when it is available (bit-identical, several times faster),
+    else `_dequantize_torch`.
     """
     if not isinstance(q, NF4Weight):
         raise TypeError(f"dequantize_nf4 expects an NF4Weight, got {type(q).__name__}")
     dtype = q.dtype if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES and dtype != torch.float64:
         raise TypeError(f"dequantize_nf4: dtype must be float32/float16/bfloat16/float64, got {dtype}")
+    if out is not None and (tuple(out.shape) != tuple(q.shape) or out.dtype != dtype or out.device != q.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"dequantize_nf4: out must be a contiguous {tuple(q.shape)} {dtype} tensor on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
+    if q.device.type == "cpu" and native.available():
+        buf = native.empty(q.numel, dtype) if out is None else out.view(-1)
+        native.dequantize_into(q.packed.reshape(-1).contiguous(), q.absmax_fp32().float().contiguous(),
+                               q.quant_map.float().contiguous(), buf, q.blocksize)
+        return buf.view(q.shape)
+    w = _dequantize_torch(q, dtype)
+    return w if out is None else out.copy_(w)
+
+
+def _dequantize_torch(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Pure-torch decode. On CPU it works through cache-sized chunks of packed bytes (byte -> two code values by a
+    256-entry table, scaled in place by the block's absmax, then cast into the output), ~5x faster than one pass."""
     absmax = q.absmax_fp32().float()
     n, bs = q.numel, q.blocksize
     packed = q.packed.reshape(-1)
-    if torch.equal(q.quant_map.cpu().float(), NF4_CODES):
-        lut = _byte_lut(str(q.device))
-    else:  # a custom 16-entry code table
-        b = torch.arange(256, device=q.device)
-        lut = torch.stack([q.quant_map[b >> 4], q.quant_map[b & 0xF]], 1).float()
+    b = torch.arange(256, device=q.device)  # the table is built on q's device: no host sync
+    lut = torch.stack([q.quant_map[b >> 4], q.quant_map[b & 0xF]], 1).float()  # (256, 2) codes of every byte
     out = torch.empty(n, dtype=dtype, device=q.device)
     nbytes = packed.numel()
     chunk = nbytes if q.device.type != "cpu" else min(nbytes, _DEQUANT_CHUNK_BYTES)  # multiple of bs // 2

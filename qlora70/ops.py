@@ -6,6 +6,9 @@ pure-torch reference (`qlora70.nf4`) or the Triton kernels (`qlora70.kernels`, i
 Backend choice, in order: the `backend=` argument, then the environment variable `QLORA70_BACKEND`
 (`auto` | `torch` | `triton`), then auto: Triton on CUDA tensors (or anywhere under `TRITON_INTERPRET=1`), the torch
 reference otherwise. Asking for Triton explicitly where it cannot run is an error, never a silent fallback.
+
+The "torch" backend on CPU tensors runs the fused C loop of `qlora70.native` for NF4 decode when a C compiler is
+available (bit-identical to the pure-torch code, which it replaces only for speed; `QLORA70_NATIVE=0` turns it off).
 """
 from __future__ import annotations
 
@@ -72,11 +75,9 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if get_backend(q.device, backend) == "triton":
         return _kernels().dequantize(q, dtype, out=out)
-    w = dequantize_nf4(q, dtype)
-    if out is not None:
-        out.copy_(w)
-        return out
-    return w
+    if out is not None and not out.is_contiguous():
+        return out.copy_(dequantize_nf4(q, dtype))
+    return dequantize_nf4(q, dtype, out=out)
 
 
 class NF4LinearFunction(torch.autograd.Function):

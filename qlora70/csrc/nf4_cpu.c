@@ -1,0 +1,262 @@
+/* NF4 quantize / dequantize on the CPU: the same numbers as the pure-torch reference in qlora70/nf4.py, bit for bit.
+ *
+ * Built at first use by qlora70/native.py (`cc -O3 -march=native -shared`), loaded with ctypes; no Python or torch
+ * headers. Every function works on a block range [b0, b1) so the caller can split the work across threads (ctypes
+ * releases the GIL). Arithmetic is plain IEEE fp32 (never build with -ffast-math): the scaled value is x * inv[b]
+ * and the decoded value is code[k] * absmax[b], both single fp32 multiplies, as in torch; conversions to bf16/fp16
+ * round to nearest even, as torch's casts do.
+ *
+ * Layout (bitsandbytes): the weight is flat row-major, blocks of `bs` elements, two codes per byte with the even
+ * element in the high nibble; an odd element count pads the last low nibble with `pad_code`.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* fp32 -> bf16, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+/* fp32 -> IEEE fp16, round to nearest even, overflow -> inf, NaN -> quiet NaN. Scaling by 2^112 then 2^-110 makes
+ * the fp32 adder do the rounding at the fp16 mantissa position (normal and subnormal alike). */
+static inline uint16_t f32_to_f16(float f) {
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    float base = ((f < 0 ? -f : f) * bits_f32(0x77800000u)) * bits_f32(0x08800000u);  /* * 2^112 * 2^-110 */
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* IEEE fp16 -> fp32 (exact, subnormals included). */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits_f32((two_w >> 4) + (0xE0u << 23)) * bits_f32(0x07800000u);  /* * 2^-112 */
+    const float denormalized = bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t r = sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
+    return bits_f32(r);
+}
+
+/* ---- dequantize: packed codes + fp32 per-block absmax -> out[n] ------------------------------------------------
+ * Per block: a 16-entry table of code[k] * absmax (already in the output type), then each byte writes two entries. */
+#define DEFINE_DEQUANT(NAME, T, CONV)                                                                                \
+    void NAME(const uint8_t *packed, const float *absmax, const float *code, T *out, int64_t n, int64_t bs,         \
+              int64_t b0, int64_t b1) {                                                                              \
+        for (int64_t b = b0; b < b1; ++b) {                                                                          \
+            T t[16];                                                                                                 \
+            const float a = absmax[b];                                                                               \
+            for (int k = 0; k < 16; ++k) t[k] = CONV(code[k] * a);                                                   \
+            const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
+            const uint8_t *p = packed + e0 / 2;                                                                      \
+            T *o = out + e0;                                                                                         \
+            const int64_t npairs = (e1 - e0) / 2;                                                                    \
+            for (int64_t j = 0; j < npairs; ++j) {                                                                   \
+                const uint8_t v = p[j];                                                                              \
+                o[2 * j] = t[v >> 4];                                                                                \
+                o[2 * j + 1] = t[v & 15];                                                                            \
+            }                                                                                                        \
+            if ((e1 - e0) & 1) o[e1 - e0 - 1] = t[p[npairs] >> 4];                                                  \
+        }                                                                                                            \
+    }
+
+#define ID_F32(x) (x)
+#define TO_F64(x) ((double)(x))
+DEFINE_DEQUANT(nf4_dequant_f64, double, TO_F64)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* AVX-512: the per-block table lives in one register and `vpermw` / `vpermps` look up 32 / 16 nibbles at a time;
+ * `vpermt2w` / `vpermt2ps` interleave the high- and low-nibble values back into element order. The table itself is
+ * built with vector ops: fp32 products, then bf16 by the same integer round-to-nearest-even as f32_to_bf16 (not
+ * vcvtneps2bf16, which flushes subnormals) or fp16 by vcvtps2ph (IEEE round to nearest even). */
+#include <immintrin.h>
+
+static inline __m512i table16_bf16(__m512 prod) {
+    const __m512i u = _mm512_castps_si512(prod);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(prod, prod, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
+}
+
+static inline __m512i table16_f16(__m512 prod) {
+    return _mm512_castsi256_si512(_mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+#define DEFINE_DEQUANT16_AVX512(NAME, TABLE)                                                                         \
+    void NAME(const uint8_t *packed, const float *absmax, const float *code, uint16_t *out, int64_t n, int64_t bs,  \
+              int64_t b0, int64_t b1) {                                                                              \
+        const __m512 codes = _mm512_loadu_ps(code);                                                                  \
+        const __m512i lo_mask = _mm512_set1_epi16(15);                                                               \
+        const __m512i i0 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,  \
+                                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);                            \
+        const __m512i i1 = _mm512_add_epi16(i0, _mm512_set1_epi16(16));                                              \
+        for (int64_t b = b0; b < b1; ++b) {                                                                          \
+            const __m512i t = TABLE(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[b])));                                \
+            const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
+            const uint8_t *p = packed + e0 / 2;                                                                      \
+            uint16_t *o = out + e0;                                                                                  \
+            const int64_t npairs = (e1 - e0) / 2;                                                                    \
+            for (int64_t j = 0; j < npairs; j += 32) {                                                               \
+                const int64_t m = npairs - j < 32 ? npairs - j : 32;                                                 \
+                const __mmask32 k = m == 32 ? 0xFFFFFFFFu : ((1u << m) - 1u);                                        \
+                const __m512i x = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p + j));                          \
+                const __m512i vh = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), t);                             \
+                const __m512i vl = _mm512_permutexvar_epi16(_mm512_and_si512(x, lo_mask), t);                        \
+                const __m512i y0 = _mm512_permutex2var_epi16(vh, i0, vl);                                            \
+                const __m512i y1 = _mm512_permutex2var_epi16(vh, i1, vl);                                            \
+                if (m == 32) {                                                                                       \
+                    _mm512_storeu_si512((void *)(o + 2 * j), y0);                                                    \
+                    _mm512_storeu_si512((void *)(o + 2 * j + 32), y1);                                               \
+                } else {                                                                                             \
+                    const uint64_t k2 = m >= 16 ? ~0ull : ((1ull << (2 * m)) - 1ull);                                \
+                    const uint64_t k3 = m > 16 ? ((1ull << (2 * (m - 16))) - 1ull) : 0ull;                           \
+                    _mm512_mask_storeu_epi16(o + 2 * j, (__mmask32)k2, y0);                                          \
+                    _mm512_mask_storeu_epi16(o + 2 * j + 32, (__mmask32)k3, y1);                                     \
+                }                                                                                                    \
+            }                                                                                                        \
+            if ((e1 - e0) & 1) {                                                                                     \
+                uint16_t tt[32];                                                                                     \
+                _mm512_storeu_si512((void *)tt, t);                                                                  \
+                o[e1 - e0 - 1] = tt[p[npairs] >> 4];                                                                 \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+DEFINE_DEQUANT16_AVX512(nf4_dequant_bf16, table16_bf16)
+DEFINE_DEQUANT16_AVX512(nf4_dequant_f16, table16_f16)
+
+void nf4_dequant_f32(const uint8_t *packed, const float *absmax, const float *code, float *out, int64_t n, int64_t bs,
+                     int64_t b0, int64_t b1) {
+    const __m512 codes = _mm512_loadu_ps(code);
+    const __m512i lo_mask = _mm512_set1_epi32(15);
+    const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(8));
+    for (int64_t b = b0; b < b1; ++b) {
+        const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(absmax[b]));
+        const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;
+        const uint8_t *p = packed + e0 / 2;
+        float *o = out + e0;
+        const int64_t npairs = (e1 - e0) / 2;
+        for (int64_t j = 0; j < npairs; j += 16) {
+            const int64_t m = npairs - j < 16 ? npairs - j : 16;
+            const __mmask16 k = (__mmask16)(m == 16 ? 0xFFFFu : ((1u << m) - 1u));
+            const __m512i x = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, p + j));
+            const __m512 vh = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), t);
+            const __m512 vl = _mm512_permutexvar_ps(_mm512_and_si512(x, lo_mask), t);
+            const __m512 y0 = _mm512_permutex2var_ps(vh, i0, vl);
+            const __m512 y1 = _mm512_permutex2var_ps(vh, i1, vl);
+            if (m == 16) {
+                _mm512_storeu_ps(o + 2 * j, y0);
+                _mm512_storeu_ps(o + 2 * j + 16, y1);
+            } else {
+                const uint32_t k2 = m >= 8 ? 0xFFFFu : ((1u << (2 * m)) - 1u);
+                const uint32_t k3 = m > 8 ? ((1u << (2 * (m - 8))) - 1u) : 0u;
+                _mm512_mask_storeu_ps(o + 2 * j, (__mmask16)k2, y0);
+                _mm512_mask_storeu_ps(o + 2 * j + 16, (__mmask16)k3, y1);
+            }
+        }
+        if ((e1 - e0) & 1) {
+            float tt[16];
+            _mm512_storeu_ps(tt, t);
+            o[e1 - e0 - 1] = tt[p[npairs] >> 4];
+        }
+    }
+}
+int nf4_simd(void) { return 512; }
+#else
+DEFINE_DEQUANT(nf4_dequant_f32, float, ID_F32)
+DEFINE_DEQUANT(nf4_dequant_bf16, uint16_t, f32_to_bf16)
+DEFINE_DEQUANT(nf4_dequant_f16, uint16_t, f32_to_f16)
+int nf4_simd(void) { return 0; }
+#endif
+
+/* ---- quantize, pass 1: per-block absmax (raw, unclamped) and the count of NaN/inf values ---------------------- */
+#define DEFINE_ABSMAX(NAME, T, LOAD)                                                                                 \
+    int64_t NAME(const T *x, float *absmax, int64_t n, int64_t bs, int64_t b0, int64_t b1) {                        \
+        int64_t bad = 0;                                                                                             \
+        for (int64_t b = b0; b < b1; ++b) {                                                                          \
+            const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
+            float m = 0.0f;                                                                                          \
+            for (int64_t i = e0; i < e1; ++i) {                                                                      \
+                const float v = LOAD(x[i]);                                                                          \
+                const float a = v < 0 ? -v : v;                                                                      \
+                bad += !(a <= 3.4028234663852886e38f);                                                               \
+                m = a > m ? a : m;                                                                                   \
+            }                                                                                                        \
+            absmax[b] = m;                                                                                           \
+        }                                                                                                            \
+        return bad;                                                                                                  \
+    }
+
+/* ---- quantize, pass 2: code = number of midpoints strictly below x * inv[b] (ties go to the lower code, as
+ * torch.bucketize), then packed two per byte. `mid` holds the 15 midpoints, ascending. */
+#define DEFINE_QUANT(NAME, T, LOAD)                                                                                  \
+    void NAME(const T *x, const float *inv, const float *mid, uint8_t *packed, int64_t n, int64_t bs,               \
+              int64_t pad_code, int64_t b0, int64_t b1) {                                                            \
+        float md[15];                                                                                                \
+        for (int k = 0; k < 15; ++k) md[k] = mid[k];                                                                 \
+        for (int64_t b = b0; b < b1; ++b) {                                                                          \
+            const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
+            const float s = inv[b];                                                                                  \
+            uint8_t c[4096];                                                                                         \
+            for (int64_t i = e0; i < e1; ++i) {                                                                      \
+                const float v = LOAD(x[i]) * s;                                                                      \
+                uint8_t q = 0;                                                                                       \
+                for (int k = 0; k < 15; ++k) q += v > md[k];                                                         \
+                c[i - e0] = q;                                                                                       \
+            }                                                                                                        \
+            if ((e1 - e0) & 1) c[e1 - e0] = (uint8_t)pad_code;                                                       \
+            uint8_t *p = packed + e0 / 2;                                                                            \
+            const int64_t nbytes = (e1 - e0 + 1) / 2;                                                                \
+            for (int64_t j = 0; j < nbytes; ++j) p[j] = (uint8_t)((c[2 * j] << 4) | c[2 * j + 1]);                  \
+        }                                                                                                            \
+    }
+
+#define LOAD_BF16(h) bf16_to_f32(h)
+#define LOAD_F16(h) f16_to_f32(h)
+DEFINE_ABSMAX(nf4_absmax_f32, float, ID_F32)
+DEFINE_ABSMAX(nf4_absmax_bf16, uint16_t, LOAD_BF16)
+DEFINE_ABSMAX(nf4_absmax_f16, uint16_t, LOAD_F16)
+DEFINE_QUANT(nf4_quant_f32, float, ID_F32)
+DEFINE_QUANT(nf4_quant_bf16, uint16_t, LOAD_BF16)
+DEFINE_QUANT(nf4_quant_f16, uint16_t, LOAD_F16)
+
+/* Ask Linux to back the 2 MiB-aligned interior of a fresh output buffer with transparent huge pages (where THP is in
+ * "madvise" or "always" mode): first-touch page faults drop 512-fold, which is most of the cost of writing a freshly
+ * allocated 32 MiB tensor. Returns madvise's result, or -1 where not supported; harmless either way. */
+int nf4_advise_hugepages(void *p, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    const uintptr_t e = ((uintptr_t)p + (uintptr_t)nbytes) & ~(huge - 1);
+    if (e > a) return madvise((void *)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p; (void)nbytes;
+#endif
+    return -1;
+}
+
+/* For tests: the conversions above, elementwise. */
+void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
+void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
+void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
+int nf4_abi_version(void) { return 1; }

@@ -1,0 +1,246 @@
+"""CPU fast path for NF4 quantize / dequantize: a small C file (csrc/nf4_cpu.c) compiled at first use and called
+through ctypes, bit-identical to the pure-torch reference in `qlora70.nf4`.
+
+Why: on the CPU the torch formulation needs several full passes (byte -> index -> table gather -> scale -> cast), each
+through memory; one fused C loop reads the packed bytes once and writes the output once. It is what makes loading a
+70B checkpoint (quantizing ~69e9 weights on the host) and CPU training runs fast enough to use.
+
+The shared library is built with the system C compiler (`$CC`, else `cc`/`gcc`/`clang`) into a per-user cache
+(`$QLORA70_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora70`, else `~/.cache/qlora70`), keyed by the source, the flags and
+the CPU, and written atomically (temp file, then rename). Without a compiler, or with `QLORA70_NATIVE=0`, every
+function here reports "unavailable" and callers use the torch path (same numbers, slower); `native_status()` says why.
+Work is split over `torch.get_num_threads()` Python threads: ctypes releases the GIL for the C calls.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
+_ABI = 1
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+_MIN_PARALLEL_BLOCKS = 2048  # below this, one thread (thread start-up costs more than it saves)
+_lock = threading.Lock()
+_status: str = "not built yet"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("QLORA70_CACHE_DIR"):
+        return Path(os.environ["QLORA70_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qlora70"
+
+
+def _compiler() -> str | None:
+    for c in [os.environ.get("CC"), "cc", "gcc", "clang"]:
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _cpu_id() -> str:
+    """Something that changes when -march=native would produce different code (CPU model + feature flags)."""
+    ident = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    ident += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return ident
+
+
+def _build(cc: str) -> Path:
+    src = _SRC.read_bytes()
+    attempts = [["-O3", "-march=native"], ["-O3"]]
+    key = hashlib.sha256(src + cc.encode() + _cpu_id().encode() + repr(attempts).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"nf4_cpu_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in attempts:
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-o", tmp, str(_SRC)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return out
+            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-500:]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(cmd)}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL | None:
+    global _status
+    if os.environ.get("QLORA70_NATIVE", "1") == "0":
+        _status = "disabled by QLORA70_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "no C compiler found (set CC, or install gcc/clang)"
+        return None
+    with _lock:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            if lib.nf4_abi_version() != _ABI:
+                raise RuntimeError(f"ABI {lib.nf4_abi_version()} != {_ABI}")
+        except (OSError, RuntimeError) as e:
+            _status = f"build failed: {e}"
+            warnings.warn(f"qlora70: the CPU NF4 fast path is unavailable ({_status}); using the slower torch path",
+                          RuntimeWarning, stacklevel=3)
+            return None
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    for sfx in _DTYPE_SUFFIX.values():
+        getattr(lib, f"nf4_dequant_{sfx}").argtypes = [p, p, p, p, i64, i64, i64, i64]
+        getattr(lib, f"nf4_dequant_{sfx}").restype = None
+        if sfx != "f64":
+            getattr(lib, f"nf4_absmax_{sfx}").argtypes = [p, p, i64, i64, i64, i64]
+            getattr(lib, f"nf4_absmax_{sfx}").restype = i64
+            getattr(lib, f"nf4_quant_{sfx}").argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
+            getattr(lib, f"nf4_quant_{sfx}").restype = None
+    for name in ("conv_f32_to_f16", "conv_f32_to_bf16", "conv_f16_to_f32"):
+        getattr(lib, name).argtypes = [p, p, i64]
+        getattr(lib, name).restype = None
+    lib.nf4_advise_hugepages.argtypes = [p, i64]
+    lib.nf4_advise_hugepages.restype = ctypes.c_int
+    _status = "available"
+    return lib
+
+
+def native_status() -> str:
+    """'available', or why the CPU fast path is not used."""
+    _lib()
+    return _status
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def simd() -> str:
+    """Which dequantize loop the library was built with: 'avx512' or 'scalar' ('' when unavailable)."""
+    lib = _lib()
+    return "" if lib is None else ("avx512" if lib.nf4_simd() == 512 else "scalar")
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="qlora70-nf4")
+
+
+def _run_blocks(fn, n_blocks: int, *args) -> list:
+    """Call fn(*args, b0, b1) over [0, n_blocks) split in contiguous ranges, one per torch thread."""
+    n_threads = max(1, min(torch.get_num_threads(), n_blocks // _MIN_PARALLEL_BLOCKS))
+    if n_threads == 1:
+        return [fn(*args, 0, n_blocks)]
+    step = -(-n_blocks // n_threads)
+    futs = [_pool(n_threads).submit(fn, *args, b0, min(n_blocks, b0 + step)) for b0 in range(0, n_blocks, step)]
+    return [f.result() for f in futs]
+
+
+_HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty(n, dtype) on the CPU, advised to use transparent huge pages when large (see nf4_cpu.c)."""
+    out = torch.empty(n, dtype=dtype)
+    lib = _lib()
+    if lib is not None and out.numel() * out.element_size() >= _HUGEPAGE_MIN_BYTES:
+        lib.nf4_advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+def _cpu_contig(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"native NF4: {name} must be a contiguous CPU tensor, got {t.device} "
+                         f"contiguous={t.is_contiguous()}")
+
+
+def dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
+                    blocksize: int) -> torch.Tensor:
+    """out[n] = code[nibble] * absmax[block] (fp32 product, one rounding to out.dtype).
+
+    packed uint8 [(n + 1) // 2], absmax fp32 [ceil(n / blocksize)], code fp32 [16], out float [n] (f32/f64/bf16/f16).
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    if out.dtype not in _DTYPE_SUFFIX:
+        raise TypeError(f"native dequantize: unsupported output dtype {out.dtype}")
+    for t, name in ((packed, "packed"), (absmax, "absmax"), (code, "code"), (out, "out")):
+        _cpu_contig(t, name)
+    n = out.numel()
+    n_blocks = -(-n // blocksize)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(f"native dequantize: packed must be uint8 [{(n + 1) // 2}], got {packed.dtype} "
+                         f"[{packed.numel()}]")
+    if absmax.dtype != torch.float32 or absmax.numel() != n_blocks or code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"native dequantize: need fp32 absmax [{n_blocks}] and fp32 code [16], got {absmax.dtype} "
+                         f"[{absmax.numel()}] and {code.dtype} [{code.numel()}]")
+    fn = getattr(lib, f"nf4_dequant_{_DTYPE_SUFFIX[out.dtype]}")
+    _run_blocks(fn, n_blocks, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), n, blocksize)
+    return out
+
+
+def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_code: int,
+             clamp_tail: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """flat float [n] (f32/bf16/f16, contiguous CPU) -> (packed uint8 [(n + 1) // 2], absmax fp32 [n_blocks],
+    number of NaN/inf values). Same bytes as `qlora70.nf4` (absmax of a partial last block clamped to >= 1e-38 when
+    `clamp_tail`, as bitsandbytes stores it). When the count is non-zero the codes are meaningless: raise."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"native quantize: unsupported input dtype {flat.dtype}")
+    _cpu_contig(flat, "input")
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    sfx = _DTYPE_SUFFIX[flat.dtype]
+    absmax = torch.empty(n_blocks, dtype=torch.float32)
+    bad = sum(_run_blocks(getattr(lib, f"nf4_absmax_{sfx}"), n_blocks, flat.data_ptr(), absmax.data_ptr(), n,
+                          blocksize))
+    if n % blocksize:
+        absmax[-1:] = absmax[-1:].clamp(min=1e-38) if clamp_tail else absmax[-1:]
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    if bad:
+        return packed, absmax, int(bad)
+    inv = (1.0 / absmax.clamp(min=1e-38)).contiguous()
+    mid = midpoints.to(device="cpu", dtype=torch.float32).contiguous()
+    _run_blocks(getattr(lib, f"nf4_quant_{sfx}"), n_blocks, flat.data_ptr(), inv.data_ptr(), mid.data_ptr(),
+                packed.data_ptr(), n, blocksize, pad_code)
+    return packed, absmax, 0
+
+
+def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Test hook: the C conversion helpers applied elementwise (results as raw bits in out_dtype)."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    x = x.contiguous()
+    y = torch.empty(x.numel(), dtype=out_dtype)
+    getattr(lib, name)(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
