@@ -9,6 +9,8 @@ setup(
     # kernels/ is installed as qlora70.kernels, never as a top-level `kernels` package (that name is taken on PyPI).
     packages=["qlora70", "qlora70.kernels", "qlora70.tasks"],
     package_dir={"qlora70": "qlora70", "qlora70.kernels": "kernels", "qlora70.tasks": "qlora70/tasks"},
+    # The CPU NF4 fast path's C source, compiled at first use (qlora70/native.py); no build step at install time.
+    package_data={"qlora70": ["csrc/*.c"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",
