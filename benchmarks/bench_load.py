@@ -23,8 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from qlora70.checkpoint import _atomic_json, parse_size, write_safetensors  # noqa: E402
+from qlora70.checkpoint import parse_size, write_safetensors  # noqa: E402
 from qlora70.config import LlamaConfig  # noqa: E402
+from qlora70.io import atomic_write_json  # noqa: E402
 
 GB = 1e9
 
@@ -110,11 +111,11 @@ def write_checkpoint(d: str, cfg: LlamaConfig, shard_size: int) -> tuple[int, fl
         write_safetensors(os.path.join(d, name), [counted(sp) for sp in shard])
         wmap.update({sp[0]: name for sp in shard})
     bar.close()
-    _atomic_json({"metadata": {"total_size": total}, "weight_map": wmap},
-                 os.path.join(d, "model.safetensors.index.json"))
+    atomic_write_json(os.path.join(d, "model.safetensors.index.json"),
+                      {"metadata": {"total_size": total}, "weight_map": wmap})
     hf = cfg.to_hf()
     hf["torch_dtype"] = "bfloat16"
-    _atomic_json(hf, os.path.join(d, "config.json"))
+    atomic_write_json(os.path.join(d, "config.json"), hf)
     return total, time.time() - t0
 
 
@@ -165,7 +166,7 @@ def main() -> None:
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    _atomic_json(r, a.json)
+    atomic_write_json(a.json, r)
     print(f"wrote {a.json}")
 
 

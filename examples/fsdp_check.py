@@ -84,8 +84,8 @@ def main() -> int:
         ref.train(resume=False)
         la = [r["loss"] for r in t.history if "loss" in r]
         lb = [r["loss"] for r in ref.history if "loss" in r]
-        wa = load_file(os.path.join(out, "fsdp", "adapter", "adapter_model.safetensors"))
-        wb = load_file(os.path.join(out, "single", "adapter", "adapter_model.safetensors"))
+        wa = load_file(os.path.join(out, "fsdp", "adapter_model.safetensors"))
+        wb = load_file(os.path.join(out, "single", "adapter_model.safetensors"))
         dl = float(np.max(np.abs(np.array(la) - np.array(lb))))
         dw = max(float((wa[k] - wb[k]).abs().max()) for k in wb)
         ok = dl <= 1e-5 and dw <= 1e-5 and len(la) == len(lb) == a.steps

@@ -18,9 +18,7 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -29,6 +27,7 @@ from torch import nn
 
 from . import gguf_io
 from .config import LlamaConfig
+from .io import atomic_dir, atomic_path, atomic_write_json
 from .layers import Linear4bit
 from .model import Llama, decoder_linears
 from .nf4 import NESTED_BLOCKSIZE, QS_KEY, NF4Weight, quantize_blockwise_8bit, quantize_nf4
@@ -101,7 +100,7 @@ def _to_bytes_view(t: torch.Tensor):
 def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors one at a time: specs = [(name, shape, dtype, produce)], `produce()` returns the tensor.
-    Atomic: a temporary file in the same directory renamed over `path`."""
+    Atomic (`qlora70.io.atomic_path`)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     off = 0
     for name, shape, dtype, _ in specs:
@@ -110,29 +109,14 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], torch.d
         off += nb
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)) + hb)
-            for name, shape, dtype, produce in specs:
-                t = produce()
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise ValueError(f"write_safetensors: {name} produced {tuple(t.shape)} {t.dtype}, planned "
-                                     f"{tuple(shape)} {dtype}")
-                f.write(_to_bytes_view(t))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_json(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for name, shape, dtype, produce in specs:
+            t = produce()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"write_safetensors: {name} produced {tuple(t.shape)} {t.dtype}, planned "
+                                 f"{tuple(shape)} {dtype}")
+            f.write(_to_bytes_view(t))
 
 
 def parse_size(size: int | str) -> int:
@@ -152,20 +136,13 @@ def _output_dir(out_dir: str) -> Iterator[str]:
     """A new directory is assembled under a temporary name and renamed into place; an existing one gets files
     replaced one by one (each atomically) and stale model shards of an earlier save removed afterwards."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise ValueError(f"{out_dir} exists and is not a directory")
         yield out_dir
         return
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    try:
+    with atomic_dir(out_dir) as tmp:
         yield tmp
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _save_sharded(out_dir: str, specs: list, max_shard_size: int | str, progress: bool, desc: str) -> list[str]:
@@ -199,9 +176,9 @@ def _save_sharded(out_dir: str, specs: list, max_shard_size: int | str, progress
         write_safetensors(os.path.join(out_dir, fname), [counted(s) for s in shard])
     bar.close()
     if n > 1:
-        _atomic_json({"metadata": {"total_size": total},
-                      "weight_map": {s[0]: f for f, sh in zip(names, shards) for s in sh}},
-                     os.path.join(out_dir, "model.safetensors.index.json"))
+        atomic_write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                          {"metadata": {"total_size": total},
+                           "weight_map": {s[0]: f for f, sh in zip(names, shards) for s in sh}})
     for f in os.listdir(out_dir):  # stale shards / index of an earlier save into the same directory
         if _OUR_FILES.fullmatch(f) and f not in names and not (n > 1 and f == "model.safetensors.index.json"):
             os.remove(os.path.join(out_dir, f))
@@ -523,7 +500,7 @@ def save_hf(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = torch
     out_dir = os.path.abspath(os.fspath(out_dir))
     with _output_dir(out_dir) as d:
         _save_sharded(d, specs, max_shard_size, progress, "save hf")
-        _atomic_json(cfg, os.path.join(d, "config.json"))
+        atomic_write_json(os.path.join(d, "config.json"), cfg)
     return out_dir
 
 
@@ -554,7 +531,7 @@ def save_quantized(model: Llama, out_dir: str | os.PathLike, max_shard_size: int
     out_dir = os.path.abspath(os.fspath(out_dir))
     with _output_dir(out_dir) as d:
         _save_sharded(d, specs, max_shard_size, progress, "save nf4")
-        _atomic_json(cfg, os.path.join(d, "config.json"))
+        atomic_write_json(os.path.join(d, "config.json"), cfg)
     return out_dir
 
 

@@ -80,8 +80,8 @@ def cmd_plan(a) -> int:
           f"LoRA r={a.lora_r}")
     print(p.table())
     if a.json:
-        from .recipe import write_json_atomic
-        write_json_atomic(a.json, p.to_dict())
+        from .io import atomic_write_json
+        atomic_write_json(a.json, p.to_dict(), default=str)
     if p.fits is False:
         print(f"does not fit: predicted {p.total / GiB:.1f} GiB > {p.gpu_memory / GiB:.1f} GiB. Try "
               f"--micro-batch-size {max(1, p.max_micro_batch or 1)}, --offload, --optim-bits 8", file=sys.stderr)

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .io import atomic_path
+
 IGNORE_INDEX = -100
 CACHE_VERSION = "qlora70-tokens-v1"
 DEFAULT_SEQ_LEN = 1024
@@ -464,21 +466,14 @@ class TokenizedData:
 
     # ---- persistence (safetensors, no pickle) ----
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file in the same directory, then os.replace)."""
+        """Write atomically (`qlora70.io.atomic_path`)."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"tokens": self.tokens, "offsets": self.offsets, "prompt_lens": self.prompt_lens,
                   "ids_utf8": np.frombuffer("\n".join(self.ids).encode("utf-8"), dtype=np.uint8).copy(),
                   "meta_utf8": np.frombuffer(json.dumps(self.meta).encode("utf-8"), dtype=np.uint8).copy()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(arrays, str(tmp), metadata={"format": CACHE_VERSION})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp:
+            save_file(arrays, tmp, metadata={"format": CACHE_VERSION})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenizedData":

@@ -45,8 +45,8 @@ from torch import nn
 from .config import LoRAConfig, TrainConfig
 from .layers import Linear4bit
 from .losses import IGNORE_INDEX
-from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_config_dict, atomic_save_json,
-                   atomic_save_safetensors, get_lora_config, inject_lora, lora_modules, read_adapter_config)
+from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, get_lora_config, inject_lora, lora_modules, read_adapter_config,
+                   write_adapter)
 from .optim import PagedAdamW
 from .trainer import Trainer, lr_factor
 
@@ -250,15 +250,6 @@ def gather_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             w = getattr(m, part).weight
             sd[f"{PEFT_PREFIX}{name}.{part}.weight"] = _full(w.detach()).float().cpu().contiguous()
     return sd
-
-
-def write_adapter(sd: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str,
-                  base_model_name_or_path: str | None = None) -> str:
-    """Write a gathered adapter state dict in PEFT format (call on rank 0 only)."""
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_save_safetensors(sd, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    atomic_save_json(adapter_config_dict(cfg, base_model_name_or_path), os.path.join(out_dir, ADAPTER_CONFIG))
-    return out_dir
 
 
 def save_adapter_sharded(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None) -> str:

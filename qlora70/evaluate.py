@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .data import MEDALPACA_PRIMER, SM70_TEMPLATE, Entry, encode_text, resolve_add_bos
+from .io import atomic_write_json, atomic_write_text
 from .tasks import EvalItem, TaskData, format_options, load_task
 
 MODES = ("letter", "option", "option_norm", "generate")
@@ -495,16 +496,15 @@ class EvalReport:
     def save(self, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, str]:
         """Write `<stem>.json`, `<stem>.md` and `<stem>_predictions.jsonl` atomically; returns their paths."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         stem = stem or f"eval_{self.name or self.task}"
         paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md",
                  "predictions": out / f"{stem}_predictions.jsonl"}
         d = self.to_dict()
         d["predictions_file"] = paths["predictions"].name
-        _atomic_write(paths["json"], json.dumps(d, indent=2, default=_json_default) + "\n")
-        _atomic_write(paths["markdown"], self.to_markdown())
-        _atomic_write(paths["predictions"], "".join(json.dumps(p, default=_json_default) + "\n"
-                                                    for p in self.predictions))
+        atomic_write_json(paths["json"], d, default=_json_default)
+        atomic_write_text(paths["markdown"], self.to_markdown())
+        atomic_write_text(paths["predictions"], "".join(json.dumps(p, default=_json_default) + "\n"
+                                                        for p in self.predictions))
         return {k: str(v) for k, v in paths.items()}
 
 
@@ -514,13 +514,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, tuple):
         return list(o)
     return str(o)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def reports_table(reports: Sequence[EvalReport], names: Sequence[str] | None = None) -> str:

@@ -16,7 +16,6 @@ import collections
 import json
 import math
 import os
-import tempfile
 import threading
 from typing import Any, Iterator
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
+from .io import atomic_write_bytes, atomic_write_json
 from .layers import Linear4bit
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -335,31 +335,12 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize
 
 # ---- PEFT adapter files ----------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str,
                             metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (through `_atomic_write_bytes`: temp file, fsync, os.replace)."""
+    """Write a safetensors file atomically (`qlora70.io.atomic_write_bytes`)."""
     from safetensors.torch import save
 
-    _atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
-
-
-def atomic_save_json(obj: Any, path: str) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def adapter_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -374,14 +355,20 @@ def adapter_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None = N
     }
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
-    """Write the adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`); returns the dir."""
+def write_adapter(sd: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | os.PathLike,
+                  base_model_name_or_path: str | None = None) -> str:
+    """Write an adapter state dict (PEFT key layout) and its config in PEFT's format (`adapter_model.safetensors`,
+    `adapter_config.json`); returns the dir."""
     out_dir = os.fspath(out_dir)
-    cfg = get_lora_config(model)
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_save_safetensors(lora_state_dict(model), os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    atomic_save_json(adapter_config_dict(cfg, base_model_name_or_path), os.path.join(out_dir, ADAPTER_CONFIG))
+    atomic_save_safetensors(sd, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    atomic_write_json(os.path.join(out_dir, ADAPTER_CONFIG), adapter_config_dict(cfg, base_model_name_or_path),
+                      sort_keys=True)
     return out_dir
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> str:
+    """Write the model's adapter in PEFT's format (`write_adapter`); returns the dir."""
+    return write_adapter(lora_state_dict(model), get_lora_config(model), out_dir, base_model_name_or_path)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:

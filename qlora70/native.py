@@ -21,13 +21,14 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .io import atomic_path
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
 _ABI = 1
@@ -73,23 +74,18 @@ def _build(cc: str) -> Path:
     out = _cache_dir() / f"nf4_cpu_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in attempts:
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-o", tmp, str(_SRC)]
+        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-o", "<tmp>", str(_SRC)]
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if r.returncode == 0:
-                os.replace(tmp, out)
-                return out
-            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-500:]}")
-        except (OSError, subprocess.SubprocessError) as e:
+            with atomic_path(out) as tmp:  # concurrent builders each rename a complete library into place
+                cmd[cmd.index("-o") + 1] = tmp
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if r.returncode != 0:
+                    raise RuntimeError(r.stderr.strip()[-500:] or f"exit status {r.returncode}")
+            return out
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             errors.append(f"{' '.join(cmd)}: {e}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     raise RuntimeError("; ".join(errors))
 
 

@@ -10,8 +10,6 @@ Every hyperparameter can be overridden on the command line; the resolved config 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +103,6 @@ def resolve_train_config(a: argparse.Namespace) -> dict[str, Any]:
     cfg["preset"] = a.preset or "sm70"
     cfg["seed"] = a.seed
     return cfg
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def run_eval(a: argparse.Namespace) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .recipe import DATA_DIR, resolve_train_config, write_json_atomic
+from .io import atomic_write_json, atomic_write_text
+from .recipe import DATA_DIR, resolve_train_config
 
 
 def say(msg: str) -> None:
@@ -119,10 +120,9 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
                    device: str = "auto", tokenizer_path: str | None = None, progress: bool = True,
                    eval_each_epoch: bool = False, contamination: bool = True) -> dict[str, Any]:
     from .checkpoint import load_model
-    from .distributed import DistributedTrainer, init_distributed, save_adapter_sharded
+    from .distributed import DistributedTrainer, init_distributed
     from .config import LoRAConfig, TrainConfig
     from .data import build_dataset, contamination_check_paths
-    from .lora import save_adapter
     from .lora import save_merged as _save_merged
     from .tokenizer import load_tokenizer
     from .trainer import Trainer
@@ -200,7 +200,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
                 "eval": [s.__dict__ for s in eval_specs], "device": dev, "torch": torch.__version__,
                 "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat()}
     if info.rank == 0:
-        write_json_atomic(out / "run_config.json", resolved)
+        atomic_write_json(out / "run_config.json", resolved, default=str)
 
     val_before = None
     if eval_before and not resume:
@@ -210,10 +210,8 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
         before = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "before")
 
     t_train = time.perf_counter()
-    summary = trainer.train(resume="auto" if resume else False)
+    summary = trainer.train(resume="auto" if resume else False)  # writes the final adapter into `out`
     train_s = time.perf_counter() - t_train
-    (save_adapter_sharded if info.world_size > 1 else save_adapter)(
-        model, out, base_model_name_or_path=os.path.abspath(model_path))
     rate = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
     say(f"at step {summary['step']} ({summary['tokens_seen']} tokens); this session {train_s:.0f}s"
         + (f", {rate[-1]:.0f} tokens/s" if rate else "") + f"; adapter -> {out / 'adapter_model.safetensors'}")
@@ -242,7 +240,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
               "after": {k: v.to_dict() for k, v in after.items()}, "epoch_evals": epoch_evals, "notes": notes,
               "adapter": str(out / "adapter_model.safetensors"), "merged": merged_path,
               "metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss_curve.png")}
-    write_json_atomic(out / "report.json", report)
+    atomic_write_json(out / "report.json", report, default=str)
     md = ["# qlora70 run report", "", f"- model: `{model_path}` on {dev}; {summary['step']} steps, "
           f"{summary['tokens_seen']} tokens in {train_s:.0f}s",
           f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets {', '.join(lora.targets)}",
@@ -258,9 +256,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
            "- metrics: `metrics.jsonl`, loss curve: `loss_curve.png`", "- per-task reports: `eval/`"]
     if merged_path:
         md.append(f"- merged checkpoint: `{os.path.relpath(merged_path, out)}`")
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     if table:
         print("\n" + table + "\n")
         for n in notes:

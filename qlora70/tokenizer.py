@@ -36,7 +36,6 @@ identity normalization such as Llama-2). No file is ever unpickled: GGUF metadat
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import struct
@@ -164,74 +163,15 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# GGUF metadata (header + key/values only; tensors are never touched)
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# GGUF metadata
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/value metadata of a GGUF (v2/v3, either endianness) file as Python values (arrays become lists).
+    """All key/value metadata of a GGUF (v2/v3, either byte order) file as Python values (arrays become lists):
+    `qlora70.gguf_io.GGUFFile(path).metadata`. ValueError naming the file when it is not GGUF or is truncated."""
+    from .gguf_io import GGUFFile  # imported here: gguf_io needs torch, the tokenizer does not
 
-    Only the header is read (through mmap), so it takes ~0.1 s even for the 49k-token SmolLM2 vocabulary, where
-    `gguf.GGUFReader` spends seconds indexing every field and tensor. Raises ValueError naming the file when it is
-    not GGUF or is truncated.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size < 24:
-        raise ValueError(f"{path} is not a GGUF file ({size} bytes, too short for a GGUF header)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {bytes(mm[:4])!r}, expected b'GGUF')")
-        (version,) = struct.unpack_from("<I", mm, 4)
-        end = "<" if version in (2, 3) else ">"
-        if end == ">" and struct.unpack_from(">I", mm, 4)[0] not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
-        n_kv = struct.unpack_from(end + "Q", mm, 16)[0]
-        u32, u64 = struct.Struct(end + "I"), struct.Struct(end + "Q")
-        off = 24
-
-        def read_str() -> str:
-            nonlocal off
-            n = u64.unpack_from(mm, off)[0]
-            s = mm[off + 8:off + 8 + n]
-            if len(s) != n:
-                raise struct.error("string runs past the end of the file")
-            off += 8 + n
-            return s.decode("utf-8", errors="replace")
-
-        def read_value(vtype: int) -> Any:
-            nonlocal off
-            if vtype == _GGUF_STRING:
-                return read_str()
-            if vtype in _GGUF_SCALARS:
-                st = struct.Struct(end + _GGUF_SCALARS[vtype])
-                (v,) = st.unpack_from(mm, off)
-                off += st.size
-                return v
-            if vtype == _GGUF_ARRAY:
-                sub = u32.unpack_from(mm, off)[0]
-                count = u64.unpack_from(mm, off + 4)[0]
-                off += 12
-                if sub in _GGUF_SCALARS:  # one unpack for the whole array
-                    st = struct.Struct(f"{end}{count}{_GGUF_SCALARS[sub]}")
-                    vals = list(st.unpack_from(mm, off))
-                    off += st.size
-                    return vals
-                return [read_value(sub) for _ in range(count)]
-            raise ValueError(f"{path}: unknown GGUF metadata value type {vtype} at byte {off}")
-
-        meta: dict[str, Any] = {}
-        try:
-            for _ in range(n_kv):
-                key = read_str()
-                vtype = u32.unpack_from(mm, off)[0]
-                off += 4
-                meta[key] = read_value(vtype)
-        except struct.error as e:
-            raise ValueError(f"{path}: truncated or corrupt GGUF metadata ({e}); re-download or re-convert the file") from e
-        return meta
+    return GGUFFile(path).metadata
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Output directory (`TrainConfig.out_dir`):
     checkpoints/latest.json  -> the newest complete checkpoint directory
     checkpoints/step-NNNNNN/ adapter (PEFT format), optimizer.safetensors, rng.safetensors, trainer_state.json
     best_adapter/            the adapter with the lowest validation loss (PEFT format)
-    adapter/                 the final adapter (PEFT format)
+    adapter_model.safetensors + adapter_config.json: the final adapter (PEFT format; `out_dir` loads as an adapter)
 Every file is written to a temporary name and renamed; a checkpoint directory is renamed into place only when
 complete and `latest.json` is switched after it, so a kill -9 at any moment leaves the previous checkpoint usable.
 """
@@ -42,8 +42,8 @@ from torch import nn
 
 from .config import LoRAConfig, TrainConfig
 from .losses import IGNORE_INDEX, chunked_cross_entropy
-from .lora import (atomic_save_json, atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules,
-                   save_adapter)
+from .io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from .lora import atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
 from .optim import PagedAdamW
 
 log = logging.getLogger("qlora70.trainer")
@@ -370,7 +370,7 @@ class Trainer:
         bar.close()
         if self.stopped_early and self.best_step is not None:
             self._load_adapter(os.path.join(self.out_dir, "best_adapter"))
-        self._save_adapter(os.path.join(self.out_dir, "adapter"))
+        self._save_adapter(self.out_dir)
         self._plot()
         return {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "best_step": self.best_step, "stopped_early": self.stopped_early,
@@ -468,9 +468,7 @@ class Trainer:
                         self.history.append(rec)
             if step == 0:
                 self.history = []
-            data = "".join(json.dumps(r) + "\n" for r in self.history).encode("utf-8")
-            from .lora import _atomic_write_bytes
-            _atomic_write_bytes(path, data)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _plot(self) -> None:
         """loss_curve.png: training loss per step and validation loss, one plot."""
@@ -492,11 +490,9 @@ class Trainer:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(self.out_dir, "loss_curve.png")
-        tmp = path + f".tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(os.path.join(self.out_dir, "loss_curve.png")) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
 
     # ---- interrupt handling ------------------------------------------------------------------------------------
     def _install_sigint(self):
@@ -594,52 +590,36 @@ class Trainer:
         """Write checkpoints/step-NNNNNN atomically and point latest.json at it; older step dirs are removed."""
         b = boundary or self._snapshot()
         name = f"step-{self.step:06d}"
-        final = os.path.join(self.ckpt_root, name)
-        tmp = os.path.join(self.ckpt_root, f".tmp-{name}-{os.getpid()}")
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-        self._save_adapter(tmp)
-        osd = self.optimizer.state_dict()
-        tensors, meta = {}, {}
-        for i, st in osd["state"].items():
-            meta[str(i)] = {"step": st["step"]}
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"state.{i}.{k}"] = v
-        atomic_save_safetensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        rng_t, rng_j = _rng_to_files(b["rng"])
-        atomic_save_safetensors(rng_t, os.path.join(tmp, "rng.safetensors"))
-        state = {"step": self.step, "epoch": b["epoch"], "micro_in_epoch": b["micro_in_epoch"],
-                 "tokens_seen": self.tokens_seen, "best_val": self.best_val, "best_step": self.best_step,
-                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "total_steps": self.total_steps,
-                 "warmup_steps": self.warmup_steps, "loader": b["loader"], "rng": rng_j,
-                 "optimizer": {"param_groups": osd["param_groups"], "state": meta, "optim_bits": osd["optim_bits"]},
-                 "fingerprint": self.fingerprint(), "train_config": self.cfg.to_dict()}
-        atomic_save_json(state, os.path.join(tmp, "trainer_state.json"))
-        if os.path.isdir(final):  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            trash = final + f".old-{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_save_json({"dir": name, "step": self.step}, os.path.join(self.ckpt_root, "latest.json"))
+        with atomic_dir(os.path.join(self.ckpt_root, name)) as tmp:
+            self._save_adapter(tmp)
+            osd = self.optimizer.state_dict()
+            tensors, meta = {}, {}
+            for i, st in osd["state"].items():
+                meta[str(i)] = {"step": st["step"]}
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"state.{i}.{k}"] = v
+            atomic_save_safetensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
+            rng_t, rng_j = _rng_to_files(b["rng"])
+            atomic_save_safetensors(rng_t, os.path.join(tmp, "rng.safetensors"))
+            state = {"step": self.step, "epoch": b["epoch"], "micro_in_epoch": b["micro_in_epoch"],
+                     "tokens_seen": self.tokens_seen, "best_val": self.best_val, "best_step": self.best_step,
+                     "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "total_steps": self.total_steps,
+                     "warmup_steps": self.warmup_steps, "loader": b["loader"], "rng": rng_j,
+                     "optimizer": {"param_groups": osd["param_groups"], "state": meta, "optim_bits": osd["optim_bits"]},
+                     "fingerprint": self.fingerprint(), "train_config": self.cfg.to_dict()}
+            atomic_write_json(os.path.join(tmp, "trainer_state.json"), state, sort_keys=True)
+        atomic_write_json(os.path.join(self.ckpt_root, "latest.json"), {"dir": name, "step": self.step}, sort_keys=True)
         for d in os.listdir(self.ckpt_root):
             if d != name and (d.startswith("step-") or d.startswith(".tmp-")):
                 shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
-        return final
+        return os.path.join(self.ckpt_root, name)
 
     def _save_best(self) -> None:
-        final = os.path.join(self.out_dir, "best_adapter")
-        tmp = os.path.join(self.out_dir, f".tmp-best-{os.getpid()}")
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        self._save_adapter(tmp)
-        atomic_save_json({"step": self.step, "val_loss": self.best_val}, os.path.join(tmp, "best.json"))
-        if os.path.isdir(final):
-            trash = final + f".old-{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(os.path.join(self.out_dir, "best_adapter")) as tmp:
+            self._save_adapter(tmp)
+            atomic_write_json(os.path.join(tmp, "best.json"), {"step": self.step, "val_loss": self.best_val},
+                              sort_keys=True)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore adapter, optimizer, schedule position, data position and RNG from a checkpoint directory; raises

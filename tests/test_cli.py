@@ -83,6 +83,7 @@ def test_train_merge_export(tiny_model, tmp_path):
                    "--max-steps", 2, "--seq-len", 96, "--batch-size", 4, "--micro-batch-size", 2, "--val-size", 8,
                    "--save-every", 1, "--device", "cpu") == 0
     assert (run / "adapter_model.safetensors").is_file() and (run / "adapter_config.json").is_file()
+    assert not (run / "adapter").exists()  # the final adapter is written once, at the run's root
     ac = json.loads((run / "adapter_config.json").read_text())
     assert ac["peft_type"] == "LORA" and ac["r"] == 64 and ac["lora_alpha"] == 16
     rc = json.loads((run / "run_config.json").read_text())

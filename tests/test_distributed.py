@@ -133,7 +133,7 @@ def single(tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("single"))
     t = Trainer(build_model(), config(out, MICRO * WORLD), build_data(), lora_config=LORA)
     t.train()
-    return {"history": t.history, "adapter": load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))}
+    return {"history": t.history, "adapter": load_file(os.path.join(out, "adapter_model.safetensors"))}
 
 
 def _assert_same_adapter(a: dict, b: dict) -> None:
@@ -154,7 +154,7 @@ def test_two_processes_equal_one(tmp_path, single):
                                [r["grad_norm"] for r in single["history"] if "loss" in r], rtol=1e-4)
     assert [r["trained_tokens"] for r in res["history"] if "loss" in r] == \
         [r["trained_tokens"] for r in single["history"] if "loss" in r]
-    _assert_same_adapter(load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors")), single["adapter"])
+    _assert_same_adapter(load_file(os.path.join(tmp_path, "adapter_model.safetensors")), single["adapter"])
     # the packed 4-bit weight is sharded: q_proj (64 x 64 -> 2048 packed bytes) holds 1024 rows per rank
     assert all(s == [1024, 1] for s in res["local_shapes"].values()), res["local_shapes"]
     # each decoder layer is ONE all-gather of uint8 bytes holding exactly its parameters at their stored size: the NF4
@@ -185,13 +185,13 @@ def test_checkpoint_resume_two_processes(tmp_path, single):
     assert res["out"]["step"] == 6
     np.testing.assert_allclose([v for _, v in losses(res["history"])], [v for _, v in losses(single["history"])],
                                atol=1e-5, rtol=0)
-    _assert_same_adapter(load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors")), single["adapter"])
+    _assert_same_adapter(load_file(os.path.join(tmp_path, "adapter_model.safetensors")), single["adapter"])
     # the checkpoint layout is world-size independent: 2 ranks x micro 2 resume as 1 process x micro 4
     t = Trainer(build_model(), config(str(one), MICRO * WORLD), build_data(), lora_config=LORA)
     assert t.train()["step"] == 6
     np.testing.assert_allclose([v for _, v in losses(t.history)], [v for _, v in losses(single["history"])],
                                atol=1e-5, rtol=0)
-    _assert_same_adapter(load_file(os.path.join(one, "adapter", "adapter_model.safetensors")), single["adapter"])
+    _assert_same_adapter(load_file(os.path.join(one, "adapter_model.safetensors")), single["adapter"])
 
 
 PROBE = """

@@ -140,11 +140,30 @@ def test_export_tokenizer_from_sentencepiece_and_tokenizer_json(tmp_path):
 
 
 @need_smol
-def test_header_read_grows_until_it_parses(monkeypatch):
-    full = gguf_io.GGUFFile(SMOL)
-    monkeypatch.setattr(gguf_io, "HEADER_PROBE", 1000)  # the real header is ~2 MB: forces several re-reads
-    small = gguf_io.GGUFFile(SMOL)
-    assert small.metadata == full.metadata and small.tensors == full.tensors and len(small.tensors) == 272
+def test_tensor_index_matches_ggufreader():
+    ours, ref = gguf_io.GGUFFile(SMOL), gguf.GGUFReader(SMOL, "r")
+    assert ours.byteorder == "<" and len(ours.tensors) == len(ref.tensors) == 272
+    for t in ref.tensors:
+        g = ours.tensors[t.name]
+        assert (g.ggml_type, g.shape, g.offset, g.nbytes) == \
+            (int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)), int(t.data_offset), int(t.n_bytes)), t.name
+
+
+def test_big_endian_file_metadata_read_tensors_refused(tmp_path):
+    p = str(tmp_path / "be.gguf")
+    w = gguf.GGUFWriter(p, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_block_count(3)
+    w.add_array("test.arr", [1, 2, 3])
+    w.add_tensor("token_embd.weight", np.arange(96, dtype=np.float32).reshape(3, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = gguf_io.GGUFFile(p)
+    assert g.byteorder == ">" and g.metadata["llama.block_count"] == 3 and g.metadata["test.arr"] == [1, 2, 3]
+    assert g.tensors["token_embd.weight"].shape == (3, 32) and g.tensors["token_embd.weight"].nbytes == 384
+    with pytest.raises(ValueError, match=r"be\.gguf is a big-endian GGUF file"):
+        g.read("token_embd.weight")
 
 
 @need_smol
@@ -223,3 +242,13 @@ def test_unsupported_architecture_and_bad_files(tmp_path):
     junk.write_bytes(b"NOPE" + b"\0" * 100)
     with pytest.raises(ValueError, match="not GGUF"):
         load_model(junk, progress=False)
+    with pytest.raises(ValueError, match=r"junk\.gguf is not a GGUF file \(magic b'NOPE'"):
+        gguf_io.GGUFFile(junk)
+    data = open(good, "rb").read()
+    for cut, msg in [(10, "too short for a GGUF header"), (200, "truncated or corrupt GGUF header"),
+                     (len(data) // 2, "is truncated: tensor")]:
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"cut\.gguf.*" + msg):
+            gguf_io.GGUFFile(tmp_path / "cut.gguf")
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        gguf_io.GGUFFile(tmp_path / "nope.gguf")

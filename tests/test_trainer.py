@@ -51,7 +51,7 @@ def config(tmp, **kw) -> TrainConfig:
 
 
 def adapter_tensors(out_dir) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+    return load_file(os.path.join(out_dir, "adapter_model.safetensors"))
 
 
 def train_losses(trainer) -> list[float]:
@@ -71,7 +71,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     # only LoRA weights moved: base buffers untouched, LoRA B left zero init
     assert all(m.lora_B.weight.abs().sum() > 0 for _, m in lora_modules(t.model))
-    assert os.path.isfile(tmp_path / "loss_curve.png") and os.path.isfile(tmp_path / "adapter" / "adapter_config.json")
+    assert os.path.isfile(tmp_path / "loss_curve.png") and os.path.isfile(tmp_path / "adapter_config.json")
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in recs] == list(range(1, 26))
     assert all(r["tokens_per_s"] > 0 and r["trained_tokens"] > 0 for r in recs)
