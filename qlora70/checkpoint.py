@@ -3,9 +3,9 @@
 Loading builds the model skeleton on the meta device and then fills it tensor by tensor: each tensor is read with one
 positioned read (our own safetensors header parser; no mmap, so file pages never pile up in the process RSS), checked
 against the config's shape, moved to `device`, and for a decoder linear quantized to NF4 right away (or, for a
-bitsandbytes checkpoint, adopted byte for byte, never re-quantized). Quantization runs over 16M-element chunks
-(`quantize_lean`), so peak host memory is about the final model plus the largest tensor as stored plus ~0.2 GB of
-chunk temporaries (measured: 1.10x of model + largest tensor for the Llama-2-7B shape, benchmarks/bench_load.py).
+bitsandbytes checkpoint, adopted byte for byte, never re-quantized). `quantize_nf4` never makes an fp32 copy of a
+weight (the CPU fast path reads bf16/fp16 directly; the torch path works over 16M-element chunks), so peak host memory
+is about the final model plus the largest tensor as stored plus ~0.2 GB of chunk temporaries (measured: 1.10x of model + largest tensor for the Llama-2-7B shape, benchmarks/bench_load.py).
 
 Saving writes every file to a temporary name in the destination directory and renames it into place (a new
 directory is assembled under a temporary name and renamed as a whole). Tensors are produced one at a time, so
@@ -30,7 +30,7 @@ from .config import LlamaConfig
 from .io import atomic_dir, atomic_path, atomic_write_json
 from .layers import Linear4bit
 from .model import Llama, decoder_linears
-from .nf4 import NESTED_BLOCKSIZE, QS_KEY, NF4Weight, quantize_blockwise_8bit, quantize_nf4
+from .nf4 import QS_KEY, NF4Weight, quantize_nf4
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -311,31 +311,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def quantize_lean(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, chunk: int = 1 << 24,
-                  dtype: torch.dtype | None = None) -> NF4Weight:
-    """`quantize_nf4`, bit-identical, computed over chunks of whole blocks: the fp32 working copy and the code
-    temporaries are one chunk (`chunk` elements, 16M = 64 MB fp32) instead of ~5.5 bytes per element of the whole
-    weight. Double quantization then runs once over all block scales, as in `quantize_nf4`. `dtype` is the original
-    dtype recorded in the result (default w.dtype): a bf16 weight quantized as fp32 needs no fp32 copy."""
-    flat = w.reshape(-1)
-    step = max(blocksize, chunk // blocksize * blocksize)  # whole blocks, even count: packed chunks concatenate
-    packed, absmax = [], []
-    for s in range(0, flat.numel(), step):
-        q = quantize_nf4(flat[s:s + step].reshape(1, -1), blocksize, double_quant=False)
-        packed.append(q.packed)
-        absmax.append(q.absmax)
-    packed_t = packed[0] if len(packed) == 1 else torch.cat(packed)
-    absmax_t = absmax[0] if len(absmax) == 1 else torch.cat(absmax)
-    del packed, absmax
-    dtype = w.dtype if dtype is None else dtype
-    if not double_quant:
-        return NF4Weight(packed=packed_t, absmax=absmax_t, shape=w.shape, dtype=dtype, blocksize=blocksize)
-    offset = absmax_t.mean()
-    qabsmax, nested = quantize_blockwise_8bit(absmax_t - offset, NESTED_BLOCKSIZE)
-    return NF4Weight(packed=packed_t, absmax=qabsmax, shape=w.shape, dtype=dtype, blocksize=blocksize,
-                     nested_absmax=nested, offset=float(offset.item()))
-
-
 def read_hf_config(path: str) -> tuple[LlamaConfig, dict]:
     """(LlamaConfig, raw dict) from `path/config.json`; accepts the transformers 4 and 5 spellings
     (`rope_theta` / `rope_parameters.rope_theta`, `torch_dtype` / `dtype`)."""
@@ -442,7 +417,7 @@ def _materialize(config: LlamaConfig, src: Any, quantize: str | None, blocksize:
             if quantize:
                 # fp16/bf16 -> fp32 is exact, so an fp32 load quantizes the stored weight without an fp32 copy of it
                 w = t if dtype == torch.float32 else t.to(dtype)
-                setattr(parent, attr, Linear4bit.from_weight(quantize_lean(w, blocksize, double_quant, dtype=dtype)))
+                setattr(parent, attr, Linear4bit.from_weight(quantize_nf4(w, blocksize, double_quant, dtype=dtype)))
             else:
                 getattr(parent, attr).weight = nn.Parameter(t.to(dtype))
         else:

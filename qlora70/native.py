@@ -31,9 +31,9 @@ import torch
 from .io import atomic_path
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 1
+_ABI = 3
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
-_MIN_PARALLEL_BLOCKS = 2048  # below this, one thread (thread start-up costs more than it saves)
+_MIN_ELEMENTS_PER_THREAD = 1 << 21  # below this a second thread costs more (hand-off, GIL) than it saves
 _lock = threading.Lock()
 _status: str = "not built yet"
 
@@ -69,7 +69,7 @@ def _cpu_id() -> str:
 
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
-    attempts = [["-O3", "-march=native"], ["-O3"]]
+    attempts = [["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"]]
     key = hashlib.sha256(src + cc.encode() + _cpu_id().encode() + repr(attempts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"nf4_cpu_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
     if out.exists():
@@ -87,6 +87,12 @@ def _build(cc: str) -> Path:
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             errors.append(f"{' '.join(cmd)}: {e}")
     raise RuntimeError("; ".join(errors))
+
+
+class _Scales(ctypes.Structure):
+    """scales_t in nf4_cpu.c: fp32 absmax, or double-quantized codes + nested map, scales and offset."""
+    _fields_ = [("absmax", ctypes.c_void_p), ("qabsmax", ctypes.c_void_p), ("nmap", ctypes.c_void_p),
+                ("nabs", ctypes.c_void_p), ("offset", ctypes.c_float), ("nbs_log2", ctypes.c_int64)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +117,7 @@ def _lib() -> ctypes.CDLL | None:
             return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
     for sfx in _DTYPE_SUFFIX.values():
-        getattr(lib, f"nf4_dequant_{sfx}").argtypes = [p, p, p, p, i64, i64, i64, i64]
+        getattr(lib, f"nf4_dequant_{sfx}").argtypes = [p, ctypes.POINTER(_Scales), p, p, i64, i64, i64, i64]
         getattr(lib, f"nf4_dequant_{sfx}").restype = None
         if sfx != "f64":
             getattr(lib, f"nf4_absmax_{sfx}").argtypes = [p, p, i64, i64, i64, i64]
@@ -148,14 +154,17 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="qlora70-nf4")
 
 
-def _run_blocks(fn, n_blocks: int, *args) -> list:
-    """Call fn(*args, b0, b1) over [0, n_blocks) split in contiguous ranges, one per torch thread."""
-    n_threads = max(1, min(torch.get_num_threads(), n_blocks // _MIN_PARALLEL_BLOCKS))
+def _run_blocks(fn, n_blocks: int, blocksize: int, *args) -> list:
+    """Call fn(*args, b0, b1) over [0, n_blocks) split in contiguous ranges, one per torch thread (at least
+    `_MIN_ELEMENTS_PER_THREAD` elements each); the calling thread runs the last range itself."""
+    n_threads = max(1, min(torch.get_num_threads(), n_blocks * blocksize // _MIN_ELEMENTS_PER_THREAD))
     if n_threads == 1:
         return [fn(*args, 0, n_blocks)]
     step = -(-n_blocks // n_threads)
-    futs = [_pool(n_threads).submit(fn, *args, b0, min(n_blocks, b0 + step)) for b0 in range(0, n_blocks, step)]
-    return [f.result() for f in futs]
+    starts = list(range(0, n_blocks, step))
+    futs = [_pool(n_threads).submit(fn, *args, b0, min(n_blocks, b0 + step)) for b0 in starts[:-1]]
+    last = fn(*args, starts[-1], n_blocks)
+    return [f.result() for f in futs] + [last]
 
 
 _HUGEPAGE_MIN_BYTES = 4 << 20
@@ -176,29 +185,52 @@ def _cpu_contig(t: torch.Tensor, name: str) -> None:
                          f"contiguous={t.is_contiguous()}")
 
 
-def dequantize_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
-                    blocksize: int) -> torch.Tensor:
-    """out[n] = code[nibble] * absmax[block] (fp32 product, one rounding to out.dtype).
+def _f32(t: torch.Tensor, name: str, numel: int) -> torch.Tensor:
+    """A small side tensor (code tables, scales) as contiguous fp32 on the CPU, its size checked."""
+    if t.device.type != "cpu" or not t.is_floating_point() or t.numel() != numel:
+        raise ValueError(f"native dequantize: {name} must be a float CPU tensor of {numel} values, got {t.dtype} "
+                         f"[{t.numel()}] on {t.device}")
+    return t.reshape(-1).float().contiguous()
 
-    packed uint8 [(n + 1) // 2], absmax fp32 [ceil(n / blocksize)], code fp32 [16], out float [n] (f32/f64/bf16/f16).
-    """
+
+def dequantize_into(q, out: torch.Tensor) -> torch.Tensor:
+    """Decode NF4Weight `q` into `out` [n] (contiguous CPU; f32/f64/bf16/f16): out[i] = code[nibble] * absmax[block]
+    (fp32 product, one rounding to out.dtype), the double-quantized absmax decoded in the same loop."""
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
     if out.dtype not in _DTYPE_SUFFIX:
         raise TypeError(f"native dequantize: unsupported output dtype {out.dtype}")
-    for t, name in ((packed, "packed"), (absmax, "absmax"), (code, "code"), (out, "out")):
-        _cpu_contig(t, name)
-    n = out.numel()
-    n_blocks = -(-n // blocksize)
+    _cpu_contig(out, "out")
+    n, bs = out.numel(), q.blocksize
+    n_blocks = -(-n // bs)
+    packed = q.packed.reshape(-1).contiguous()
+    _cpu_contig(packed, "packed")
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"native dequantize: packed must be uint8 [{(n + 1) // 2}], got {packed.dtype} "
                          f"[{packed.numel()}]")
-    if absmax.dtype != torch.float32 or absmax.numel() != n_blocks or code.dtype != torch.float32 or code.numel() != 16:
-        raise ValueError(f"native dequantize: need fp32 absmax [{n_blocks}] and fp32 code [16], got {absmax.dtype} "
-                         f"[{absmax.numel()}] and {code.dtype} [{code.numel()}]")
+    code = _f32(q.quant_map, "quant_map", 16)
+    keep = [packed, code]  # referenced until the C call returns
+    if q.nested_absmax is None:
+        am = _f32(q.absmax, "absmax", n_blocks)
+        sc = _Scales(absmax=am.data_ptr())
+        keep.append(am)
+    else:
+        qa, nmap = q.absmax.reshape(-1).contiguous(), _f32(q.nested_quant_map, "nested_quant_map", 256)
+        nabs = _f32(q.nested_absmax, "nested_absmax", -(-n_blocks // q.nested_blocksize))
+        if qa.dtype != torch.uint8 or qa.numel() != n_blocks:
+            raise ValueError(f"native dequantize: absmax codes must be uint8 [{n_blocks}], got {qa.dtype} "
+                             f"[{qa.numel()}]")
+        _cpu_contig(qa, "absmax")
+        nbs = int(q.nested_blocksize)
+        if nbs <= 0 or nbs & (nbs - 1):
+            raise ValueError(f"native dequantize: nested_blocksize must be a power of two, got {nbs}")
+        sc = _Scales(qabsmax=qa.data_ptr(), nmap=nmap.data_ptr(), nabs=nabs.data_ptr(), offset=float(q.offset),
+                     nbs_log2=nbs.bit_length() - 1)
+        keep += [qa, nmap, nabs]
     fn = getattr(lib, f"nf4_dequant_{_DTYPE_SUFFIX[out.dtype]}")
-    _run_blocks(fn, n_blocks, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(), n, blocksize)
+    _run_blocks(fn, n_blocks, bs, packed.data_ptr(), ctypes.byref(sc), code.data_ptr(), out.data_ptr(), n, bs)
+    del keep
     return out
 
 
@@ -217,8 +249,8 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
     n_blocks = -(-n // blocksize)
     sfx = _DTYPE_SUFFIX[flat.dtype]
     absmax = torch.empty(n_blocks, dtype=torch.float32)
-    bad = sum(_run_blocks(getattr(lib, f"nf4_absmax_{sfx}"), n_blocks, flat.data_ptr(), absmax.data_ptr(), n,
-                          blocksize))
+    bad = sum(_run_blocks(getattr(lib, f"nf4_absmax_{sfx}"), n_blocks, blocksize, flat.data_ptr(), absmax.data_ptr(),
+                          n, blocksize))
     if n % blocksize:
         absmax[-1:] = absmax[-1:].clamp(min=1e-38) if clamp_tail else absmax[-1:]
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
@@ -226,8 +258,8 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
         return packed, absmax, int(bad)
     inv = (1.0 / absmax.clamp(min=1e-38)).contiguous()
     mid = midpoints.to(device="cpu", dtype=torch.float32).contiguous()
-    _run_blocks(getattr(lib, f"nf4_quant_{sfx}"), n_blocks, flat.data_ptr(), inv.data_ptr(), mid.data_ptr(),
-                packed.data_ptr(), n, blocksize, pad_code)
+    _run_blocks(getattr(lib, f"nf4_quant_{sfx}"), n_blocks, blocksize, flat.data_ptr(), inv.data_ptr(),
+                mid.data_ptr(), packed.data_ptr(), n, blocksize, pad_code)
     return packed, absmax, 0
 
 

@@ -224,6 +224,7 @@ class NF4Weight:
         if self.double_quant:
             if self.absmax.dtype != torch.uint8:
                 raise TypeError(f"with double quantization absmax must be uint8 codes, got {self.absmax.dtype}")
+            _check_blocksize(self.nested_blocksize, "nested_blocksize")
             need = -(-self.n_blocks // self.nested_blocksize)
             if self.nested_absmax.numel() != need:
                 raise ValueError(f"NF4Weight.nested_absmax has {self.nested_absmax.numel()} entries, expected {need}")
@@ -304,22 +305,38 @@ class NF4Weight:
             raise type(e)(f"{source}: {p}: {e}") from None
 
 
-def _quantize_torch(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Pure-torch reference: fp32 flat [n] -> (packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks], #NaN/inf)."""
-    bad = int((~torch.isfinite(flat)).sum())
-    if bad:
-        return flat.new_empty(0, dtype=torch.uint8), flat.new_empty(0), bad
-    absmax = _blockwise_absmax(flat, blocksize)
-    codes = _quantize_codes(flat, absmax, blocksize, _midpoints("nf4", str(flat.device)))
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
-    return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1), absmax, 0
+def _quantize_torch(flat: torch.Tensor, blocksize: int, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pure-torch reference: float flat [n] -> (packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks], #NaN/inf).
+
+    Works over chunks of whole blocks (`chunk` elements), so the fp32 working copy and the code temporaries are one
+    chunk (16M elements = 64 MB fp32) instead of ~5.5 bytes per element of the whole weight."""
+    n = flat.numel()
+    step = max(blocksize, chunk // blocksize * blocksize)  # whole blocks, an even count: byte ranges line up
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    mids = _midpoints("nf4", str(flat.device))
+    bad = 0
+    for s in range(0, n, step):
+        x = flat[s:s + step].float()
+        bad += int((~torch.isfinite(x)).sum())
+        if bad:
+            continue  # keep counting; the codes are not used
+        am = _blockwise_absmax(x, blocksize)  # a partial block can only be the last one
+        codes = _quantize_codes(x, am, blocksize, mids)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
+        packed[s // 2:s // 2 + codes.numel() // 2, 0] = (codes[0::2] << 4) | codes[1::2]
+        absmax[s // blocksize:s // blocksize + am.numel()] = am
+    return packed, absmax, bad
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+                 dtype: torch.dtype | None = None) -> NF4Weight:
     """Quantize a 2-D float weight [out, in] to NF4 (bitsandbytes byte layout), with optional double quantization.
 
-    Computes in fp32 on w's device; never modifies w.
+    Computes in fp32 on w's device, a chunk at a time (no fp32 copy of the whole weight); never modifies w.
+    `dtype`: the original dtype to record (default w.dtype) -- e.g. a bf16 checkpoint tensor loaded into an fp32
+    model is quantized from its bf16 values (exact in fp32) and recorded as fp32, without an fp32 copy.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4 expects a torch.Tensor, got {type(w).__name__}")
@@ -330,20 +347,24 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4 got an empty weight of shape {tuple(w.shape)}")
     _check_blocksize(blocksize)
+    dtype = w.dtype if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_nf4: dtype (the original dtype to record) must be float32/float16/bfloat16, "
+                        f"got {dtype}")
     if w.device.type == "cpu" and native.available():  # fused C loop, same bytes, no fp32 copy of w
         packed, absmax, bad = native.quantize(w.reshape(-1).contiguous(), blocksize, _midpoints("nf4", "cpu"),
                                               NF4_ZERO_CODE)
         packed = packed.unsqueeze(1)
     else:
-        packed, absmax, bad = _quantize_torch(w.reshape(-1).float(), blocksize)
+        packed, absmax, bad = _quantize_torch(w.reshape(-1), blocksize)
     if bad:
         raise ValueError(f"quantize_nf4: weight of shape {tuple(w.shape)} has {bad} NaN/inf values; "
                          "fix the checkpoint (or the training run that produced it) before quantizing")
     if not double_quant:
-        return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
+        return NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=dtype, blocksize=blocksize)
     offset = absmax.mean()
     qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
-    return NF4Weight(packed=packed, absmax=qabsmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+    return NF4Weight(packed=packed, absmax=qabsmax, shape=w.shape, dtype=dtype, blocksize=blocksize,
                      nested_absmax=nested_absmax, offset=float(offset.item()))
 
 
@@ -365,9 +386,7 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, out: torch
                          f"got {tuple(out.shape)} {out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
     if q.device.type == "cpu" and native.available():
         buf = native.empty(q.numel, dtype) if out is None else out.view(-1)
-        native.dequantize_into(q.packed.reshape(-1).contiguous(), q.absmax_fp32().float().contiguous(),
-                               q.quant_map.float().contiguous(), buf, q.blocksize)
-        return buf.view(q.shape)
+        return native.dequantize_into(q, buf).view(q.shape)
     w = _dequantize_torch(q, dtype)
     return w if out is None else out.copy_(w)
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from qlora70.checkpoint import (SafetensorsFile, load_model, parse_size, quantize_lean, save_hf, save_quantized,
+from qlora70.checkpoint import (SafetensorsFile, load_model, parse_size, save_hf, save_quantized,
                                 write_safetensors)
 from qlora70.config import LlamaConfig
 from qlora70.layers import Linear4bit
@@ -84,12 +84,23 @@ def test_sharded_checkpoint_and_quantize_on_load(tmp_path):
 
 @pytest.mark.parametrize("shape,bs,dq,chunk", [((37, 999), 64, True, 4096), ((300, 515), 128, False, 1024),
                                                ((1000, 333), 64, True, 64 * 7), ((8, 8), 64, True, 64)])
-def test_quantize_lean_is_bit_identical(shape, bs, dq, chunk):
+def test_chunked_torch_quantize_is_bit_identical(shape, bs, dq, chunk, monkeypatch):
+    """The torch path's chunking (no whole-weight fp32 copy) gives the bytes of one whole-tensor pass, and so does the
+    CPU fast path; `dtype=` records another original dtype without touching the bytes."""
+    from qlora70 import native, nf4
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    a, b = quantize_lean(w, bs, dq, chunk=chunk), quantize_nf4(w, bs, dq)
+    flat = w.reshape(-1)
+    one = nf4._quantize_torch(flat, bs, chunk=1 << 30)
+    chunked = nf4._quantize_torch(flat, bs, chunk=chunk)
+    assert all(torch.equal(x, y) for x, y in zip(one[:2], chunked[:2])) and one[2] == chunked[2] == 0
+    a = quantize_nf4(w, bs, dq, dtype=torch.float32)
+    monkeypatch.setattr(native, "available", lambda: False)
+    b = quantize_nf4(w, bs, dq)
     assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.offset == b.offset
-    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+    assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and a.shape == b.shape
     assert (a.nested_absmax is None and b.nested_absmax is None) or torch.equal(a.nested_absmax, b.nested_absmax)
+    if not dq:
+        assert torch.equal(b.absmax, chunked[1])
 
 
 def test_bf16_load(tmp_path):

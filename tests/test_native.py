@@ -142,15 +142,16 @@ def test_threads_split_gives_the_same_result():
 @needs_native
 def test_rejects_bad_buffers():
     q = nf4.quantize_nf4(torch.randn(4, 64))
-    am = q.absmax_fp32()
-    with pytest.raises(ValueError, match="packed must be uint8"):
-        native.dequantize_into(q.packed.view(-1)[:-1], am, q.quant_map, torch.empty(256), 64)
-    with pytest.raises(ValueError, match="absmax"):
-        native.dequantize_into(q.packed.view(-1), am[:-1], q.quant_map, torch.empty(256), 64)
+    with pytest.raises(ValueError, match="packed must be uint8"):  # out has room for 258 values, q holds 256
+        native.dequantize_into(q, torch.empty(258))
+    with pytest.raises(ValueError, match="absmax codes"):
+        bad = nf4.quantize_nf4(torch.randn(4, 64), double_quant=True)
+        object.__setattr__(bad, "absmax", bad.absmax.float())
+        native.dequantize_into(bad, torch.empty(256))
     with pytest.raises(ValueError, match="contiguous CPU"):
-        native.dequantize_into(q.packed.view(-1), am, q.quant_map, torch.empty(512)[::2], 64)
+        native.dequantize_into(q, torch.empty(512)[::2])
     with pytest.raises(TypeError, match="output dtype"):
-        native.dequantize_into(q.packed.view(-1), am, q.quant_map, torch.empty(256, dtype=torch.int32), 64)
+        native.dequantize_into(q, torch.empty(256, dtype=torch.int32))
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:

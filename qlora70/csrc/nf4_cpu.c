@@ -57,14 +57,30 @@ static inline float f16_to_f32(uint16_t h) {
     return bits_f32(r);
 }
 
-/* ---- dequantize: packed codes + fp32 per-block absmax -> out[n] ------------------------------------------------
- * Per block: a 16-entry table of code[k] * absmax (already in the output type), then each byte writes two entries. */
+/* ---- dequantize: packed codes + per-block absmax -> out[n] -------------------------------------------------------
+ * The block's absmax is either given in fp32 (`absmax`, qabsmax == NULL) or double-quantized: 8-bit codes `qabsmax`
+ * decoded as nmap[code] * nabs[b / nbs] + offset (two fp32 roundings, as in torch). Per block: a 16-entry table of
+ * code[k] * absmax (already in the output type), then each byte writes two entries. */
+typedef struct {
+    const float *absmax;   /* fp32 [n_blocks], or NULL with double quantization */
+    const uint8_t *qabsmax; /* uint8 [n_blocks] */
+    const float *nmap;     /* fp32 [256] */
+    const float *nabs;     /* fp32 [ceil(n_blocks / nbs)] */
+    float offset;
+    int64_t nbs_log2;      /* log2 of the nested blocksize (a power of two) */
+} scales_t;
+
+static inline float block_absmax(const scales_t *sc, int64_t b) {
+    if (sc->qabsmax == NULL) return sc->absmax[b];
+    const float a = sc->nmap[sc->qabsmax[b]] * sc->nabs[b >> sc->nbs_log2];
+    return a + sc->offset;
+}
 #define DEFINE_DEQUANT(NAME, T, CONV)                                                                                \
-    void NAME(const uint8_t *packed, const float *absmax, const float *code, T *out, int64_t n, int64_t bs,         \
+    void NAME(const uint8_t *packed, const scales_t *sc, const float *code, T *out, int64_t n, int64_t bs,         \
               int64_t b0, int64_t b1) {                                                                              \
         for (int64_t b = b0; b < b1; ++b) {                                                                          \
             T t[16];                                                                                                 \
-            const float a = absmax[b];                                                                               \
+            const float a = block_absmax(sc, b);                                                                     \
             for (int k = 0; k < 16; ++k) t[k] = CONV(code[k] * a);                                                   \
             const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
             const uint8_t *p = packed + e0 / 2;                                                                      \
@@ -103,7 +119,7 @@ static inline __m512i table16_f16(__m512 prod) {
 }
 
 #define DEFINE_DEQUANT16_AVX512(NAME, TABLE)                                                                         \
-    void NAME(const uint8_t *packed, const float *absmax, const float *code, uint16_t *out, int64_t n, int64_t bs,  \
+    void NAME(const uint8_t *packed, const scales_t *sc, const float *code, uint16_t *out, int64_t n, int64_t bs,  \
               int64_t b0, int64_t b1) {                                                                              \
         const __m512 codes = _mm512_loadu_ps(code);                                                                  \
         const __m512i lo_mask = _mm512_set1_epi16(15);                                                               \
@@ -111,7 +127,7 @@ static inline __m512i table16_f16(__m512 prod) {
                                             6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);                            \
         const __m512i i1 = _mm512_add_epi16(i0, _mm512_set1_epi16(16));                                              \
         for (int64_t b = b0; b < b1; ++b) {                                                                          \
-            const __m512i t = TABLE(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[b])));                                \
+            const __m512i t = TABLE(_mm512_mul_ps(codes, _mm512_set1_ps(block_absmax(sc, b))));                      \
             const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;                                             \
             const uint8_t *p = packed + e0 / 2;                                                                      \
             uint16_t *o = out + e0;                                                                                  \
@@ -144,14 +160,14 @@ static inline __m512i table16_f16(__m512 prod) {
 DEFINE_DEQUANT16_AVX512(nf4_dequant_bf16, table16_bf16)
 DEFINE_DEQUANT16_AVX512(nf4_dequant_f16, table16_f16)
 
-void nf4_dequant_f32(const uint8_t *packed, const float *absmax, const float *code, float *out, int64_t n, int64_t bs,
+void nf4_dequant_f32(const uint8_t *packed, const scales_t *sc, const float *code, float *out, int64_t n, int64_t bs,
                      int64_t b0, int64_t b1) {
     const __m512 codes = _mm512_loadu_ps(code);
     const __m512i lo_mask = _mm512_set1_epi32(15);
     const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(8));
     for (int64_t b = b0; b < b1; ++b) {
-        const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(absmax[b]));
+        const __m512 t = _mm512_mul_ps(codes, _mm512_set1_ps(block_absmax(sc, b)));
         const int64_t e0 = b * bs, e1 = (e0 + bs < n) ? e0 + bs : n;
         const uint8_t *p = packed + e0 / 2;
         float *o = out + e0;
@@ -259,4 +275,4 @@ int nf4_advise_hugepages(void *p, int64_t nbytes) {
 void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
 void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
-int nf4_abi_version(void) { return 1; }
+int nf4_abi_version(void) { return 3; }
