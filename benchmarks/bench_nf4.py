@@ -7,7 +7,8 @@
 GB/s counts the bytes a kernel must move: quantize reads 2 B/elem (bf16) and writes ~0.52 B/elem; dequantize reads
 ~0.52 B/elem and writes 2 B/elem (bf16). "vs best peer" is the ratio of the fastest peer's time to ours (>1: we win).
 "dequantize" allocates its output (first-touch page faults included, as a user's call pays them); "dequant->buf" writes
-into a preallocated buffer (the decode alone). Each implementation is timed in two interleaved rounds, best kept.
+into a preallocated buffer (the decode alone). Each figure is the median of --reps calls; every implementation is timed
+in two interleaved rounds and the better round is kept.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,17 +33,20 @@ SHAPES = {"4096x4096": (4096, 4096), "70b q/o_proj 8192x8192": (8192, 8192), "70
 
 
 def _timeit(fn, device, reps: int) -> float:
+    """Median seconds of `reps` calls after one warm-up. The median, not the best: on the CPU a call that happens to
+    get already-faulted memory from the allocator (freed by the previous op) runs several times faster than a normal
+    one, and the best of N would report that luck."""
     fn()  # warm-up (allocations, kernel compilation)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _peers(device, skip=()):
@@ -122,7 +127,7 @@ def run(shapes: dict, devices: list[torch.device], reps: int, skip=()) -> list[d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the 4096x4096 shape")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", default="benchmarks/out/bench_nf4.json")
     ap.add_argument("--skip", action="append", default=[], help="skip a peer (e.g. --skip torchao: slow on CPU)")

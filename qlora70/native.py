@@ -9,7 +9,7 @@ The shared library is built with the system C compiler (`$CC`, else `cc`/`gcc`/`
 (`$QLORA70_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora70`, else `~/.cache/qlora70`), keyed by the source, the flags and
 the CPU, and written atomically (temp file, then rename). Without a compiler, or with `QLORA70_NATIVE=0`, every
 function here reports "unavailable" and callers use the torch path (same numbers, slower); `native_status()` says why.
-Work is split over `torch.get_num_threads()` Python threads: ctypes releases the GIL for the C calls.
+Work is split over up to `torch.get_num_threads()` pthreads inside the C call (ctypes releases the GIL meanwhile).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,9 +30,10 @@ import torch
 from .io import atomic_path
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 3
-_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
-_MIN_ELEMENTS_PER_THREAD = 1 << 21  # below this a second thread costs more (hand-off, GIL) than it saves
+_ABI = 4
+_OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
+_IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
 _lock = threading.Lock()
 _status: str = "not built yet"
 
@@ -76,7 +76,7 @@ def _build(cc: str) -> Path:
         return out
     errors = []
     for flags in attempts:
-        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-o", "<tmp>", str(_SRC)]
+        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-pthread", "-o", "<tmp>", str(_SRC)]
         try:
             with atomic_path(out) as tmp:  # concurrent builders each rename a complete library into place
                 cmd[cmd.index("-o") + 1] = tmp
@@ -116,14 +116,12 @@ def _lib() -> ctypes.CDLL | None:
                           RuntimeWarning, stacklevel=3)
             return None
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    for sfx in _DTYPE_SUFFIX.values():
-        getattr(lib, f"nf4_dequant_{sfx}").argtypes = [p, ctypes.POINTER(_Scales), p, p, i64, i64, i64, i64]
-        getattr(lib, f"nf4_dequant_{sfx}").restype = None
-        if sfx != "f64":
-            getattr(lib, f"nf4_absmax_{sfx}").argtypes = [p, p, i64, i64, i64, i64]
-            getattr(lib, f"nf4_absmax_{sfx}").restype = i64
-            getattr(lib, f"nf4_quant_{sfx}").argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
-            getattr(lib, f"nf4_quant_{sfx}").restype = None
+    lib.nf4_dequantize.argtypes = [p, ctypes.POINTER(_Scales), p, p, i64, i64, i64, i64]
+    lib.nf4_dequantize.restype = None
+    lib.nf4_absmax.argtypes = [p, p, i64, i64, i64, i64]
+    lib.nf4_absmax.restype = i64
+    lib.nf4_quantize.argtypes = [p, p, p, p, i64, i64, i64, i64, i64]
+    lib.nf4_quantize.restype = None
     for name in ("conv_f32_to_f16", "conv_f32_to_bf16", "conv_f16_to_f32"):
         getattr(lib, name).argtypes = [p, p, i64]
         getattr(lib, name).restype = None
@@ -149,22 +147,9 @@ def simd() -> str:
     return "" if lib is None else ("avx512" if lib.nf4_simd() == 512 else "scalar")
 
 
-@functools.lru_cache(maxsize=None)
-def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="qlora70-nf4")
-
-
-def _run_blocks(fn, n_blocks: int, blocksize: int, *args) -> list:
-    """Call fn(*args, b0, b1) over [0, n_blocks) split in contiguous ranges, one per torch thread (at least
-    `_MIN_ELEMENTS_PER_THREAD` elements each); the calling thread runs the last range itself."""
-    n_threads = max(1, min(torch.get_num_threads(), n_blocks * blocksize // _MIN_ELEMENTS_PER_THREAD))
-    if n_threads == 1:
-        return [fn(*args, 0, n_blocks)]
-    step = -(-n_blocks // n_threads)
-    starts = list(range(0, n_blocks, step))
-    futs = [_pool(n_threads).submit(fn, *args, b0, min(n_blocks, b0 + step)) for b0 in starts[:-1]]
-    last = fn(*args, starts[-1], n_blocks)
-    return [f.result() for f in futs] + [last]
+def _threads(n: int) -> int:
+    """Threads for n elements of work: torch's thread count, at most one per `_MIN_ELEMENTS_PER_THREAD`."""
+    return max(1, min(torch.get_num_threads(), n // _MIN_ELEMENTS_PER_THREAD))
 
 
 _HUGEPAGE_MIN_BYTES = 4 << 20
@@ -199,7 +184,7 @@ def dequantize_into(q, out: torch.Tensor) -> torch.Tensor:
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
-    if out.dtype not in _DTYPE_SUFFIX:
+    if out.dtype not in _OUT_KIND:
         raise TypeError(f"native dequantize: unsupported output dtype {out.dtype}")
     _cpu_contig(out, "out")
     n, bs = out.numel(), q.blocksize
@@ -228,8 +213,8 @@ def dequantize_into(q, out: torch.Tensor) -> torch.Tensor:
         sc = _Scales(qabsmax=qa.data_ptr(), nmap=nmap.data_ptr(), nabs=nabs.data_ptr(), offset=float(q.offset),
                      nbs_log2=nbs.bit_length() - 1)
         keep += [qa, nmap, nabs]
-    fn = getattr(lib, f"nf4_dequant_{_DTYPE_SUFFIX[out.dtype]}")
-    _run_blocks(fn, n_blocks, bs, packed.data_ptr(), ctypes.byref(sc), code.data_ptr(), out.data_ptr(), n, bs)
+    lib.nf4_dequantize(packed.data_ptr(), ctypes.byref(sc), code.data_ptr(), out.data_ptr(), n, bs,
+                       _OUT_KIND[out.dtype], _threads(n))
     del keep
     return out
 
@@ -242,15 +227,14 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
-    if flat.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if flat.dtype not in _IN_KIND:
         raise TypeError(f"native quantize: unsupported input dtype {flat.dtype}")
     _cpu_contig(flat, "input")
     n = flat.numel()
     n_blocks = -(-n // blocksize)
-    sfx = _DTYPE_SUFFIX[flat.dtype]
+    kind, threads = _IN_KIND[flat.dtype], _threads(4 * n)  # ~4x the work per element of a dequantize
     absmax = torch.empty(n_blocks, dtype=torch.float32)
-    bad = sum(_run_blocks(getattr(lib, f"nf4_absmax_{sfx}"), n_blocks, blocksize, flat.data_ptr(), absmax.data_ptr(),
-                          n, blocksize))
+    bad = lib.nf4_absmax(flat.data_ptr(), absmax.data_ptr(), n, blocksize, kind, threads)
     if n % blocksize:
         absmax[-1:] = absmax[-1:].clamp(min=1e-38) if clamp_tail else absmax[-1:]
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
@@ -258,8 +242,8 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
         return packed, absmax, int(bad)
     inv = (1.0 / absmax.clamp(min=1e-38)).contiguous()
     mid = midpoints.to(device="cpu", dtype=torch.float32).contiguous()
-    _run_blocks(getattr(lib, f"nf4_quant_{sfx}"), n_blocks, blocksize, flat.data_ptr(), inv.data_ptr(),
-                mid.data_ptr(), packed.data_ptr(), n, blocksize, pad_code)
+    lib.nf4_quantize(flat.data_ptr(), inv.data_ptr(), mid.data_ptr(), packed.data_ptr(), n, blocksize, pad_code, kind,
+                     threads)
     return packed, absmax, 0
 
 

@@ -123,20 +123,23 @@ def test_dequantize_custom_code_table_and_tiny_scales():
 
 
 @needs_native
-def test_threads_split_gives_the_same_result():
-    w = _weight((1031, 1029), torch.bfloat16, seed=11)  # > 2 * 2048 blocks: the work is split across threads
+def test_threads_split_gives_the_same_result(monkeypatch):
+    monkeypatch.setattr(native, "_MIN_ELEMENTS_PER_THREAD", 1000)  # split even this small weight over threads
+    w = _weight((131, 1029), torch.bfloat16, seed=11)
     old = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        q1 = nf4.quantize_nf4(w)
-        d1 = nf4.dequantize_nf4(q1)
-        torch.set_num_threads(2)
-        q2 = nf4.quantize_nf4(w)
-        d2 = nf4.dequantize_nf4(q2)
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            assert native._threads(w.numel()) == nt
+            q = nf4.quantize_nf4(w)
+            results.append((q, nf4.dequantize_nf4(q), nf4.dequantize_nf4(q, torch.float32)))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(q1.packed, q2.packed) and torch.equal(q1.absmax, q2.absmax) and torch.equal(d1, d2)
-    assert torch.equal(d1, nf4._dequantize_torch(q1, torch.bfloat16))
+    ref = nf4._dequantize_torch(results[0][0], torch.bfloat16)
+    for q, d, d32 in results:
+        assert torch.equal(q.packed, results[0][0].packed) and torch.equal(q.absmax, results[0][0].absmax)
+        assert torch.equal(d, ref) and torch.equal(d32, results[0][2])
 
 
 @needs_native
