@@ -147,12 +147,22 @@ def simd() -> str:
     return "" if lib is None else ("avx512" if lib.nf4_simd() == 512 else "scalar")
 
 
+def _require() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    return lib
+
+
 def _threads(n: int) -> int:
     """Threads for n elements of work: torch's thread count, at most one per `_MIN_ELEMENTS_PER_THREAD`."""
     return max(1, min(torch.get_num_threads(), n // _MIN_ELEMENTS_PER_THREAD))
 
 
-_HUGEPAGE_MIN_BYTES = 4 << 20
+# Only outputs of at least glibc's largest mmap threshold (32 MiB) are advised: those are always fresh mappings whose
+# first touch faults every page; a smaller block may be recycled from the heap with its pages already in place, and
+# advising it only costs a system call.
+_HUGEPAGE_MIN_BYTES = 32 << 20
 
 
 def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -181,9 +191,7 @@ def _f32(t: torch.Tensor, name: str, numel: int) -> torch.Tensor:
 def dequantize_into(q, out: torch.Tensor) -> torch.Tensor:
     """Decode NF4Weight `q` into `out` [n] (contiguous CPU; f32/f64/bf16/f16): out[i] = code[nibble] * absmax[block]
     (fp32 product, one rounding to out.dtype), the double-quantized absmax decoded in the same loop."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    lib = _require()
     if out.dtype not in _OUT_KIND:
         raise TypeError(f"native dequantize: unsupported output dtype {out.dtype}")
     _cpu_contig(out, "out")
@@ -224,9 +232,7 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
     """flat float [n] (f32/bf16/f16, contiguous CPU) -> (packed uint8 [(n + 1) // 2], absmax fp32 [n_blocks],
     number of NaN/inf values). Same bytes as `qlora70.nf4` (absmax of a partial last block clamped to >= 1e-38 when
     `clamp_tail`, as bitsandbytes stores it). When the count is non-zero the codes are meaningless: raise."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    lib = _require()
     if flat.dtype not in _IN_KIND:
         raise TypeError(f"native quantize: unsupported input dtype {flat.dtype}")
     _cpu_contig(flat, "input")
@@ -249,9 +255,7 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Test hook: the C conversion helpers applied elementwise (results as raw bits in out_dtype)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError(f"the CPU NF4 fast path is unavailable: {_status}")
+    lib = _require()
     x = x.contiguous()
     y = torch.empty(x.numel(), dtype=out_dtype)
     getattr(lib, name)(x.data_ptr(), y.data_ptr(), x.numel())
