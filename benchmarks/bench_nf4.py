@@ -128,11 +128,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only the 4096x4096 shape")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shape", action="append", default=[], help="only shapes whose name contains this (repeatable), "
+                    "e.g. --shape k/v")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", default="benchmarks/out/bench_nf4.json")
     ap.add_argument("--skip", action="append", default=[], help="skip a peer (e.g. --skip torchao: slow on CPU)")
     a = ap.parse_args(argv)
     shapes = {"4096x4096": SHAPES["4096x4096"]} if a.quick else SHAPES
+    if a.shape:
+        shapes = {k: v for k, v in SHAPES.items() if any(f in k for f in a.shape)}
+        if not shapes:
+            ap.error(f"--shape {a.shape} matches none of {list(SHAPES)}")
     if a.device == "auto":
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
