@@ -27,7 +27,7 @@ import time
 import torch
 
 from qlora70.recipe import DATA_DIR, add_train_args, resolve_train_config
-from qlora70.run import default_eval_specs, run_experiment, say
+from qlora70.run import default_eval_specs, free_run_dir, run_experiment, say
 
 
 def smollm2_gguf() -> str | None:
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         # FSDP2 across processes: the children train and save the adapter; evaluation and merging run in one process
         from qlora70.distributed import launch, strip_nproc
         rest = strip_nproc(sys.argv[1:] if argv is None else list(argv))[1]
-        rc = launch(a.nproc, rest + ["--no-eval", "--no-eval-before", "--no-merge"], script=os.path.abspath(__file__))
+        base = "runs/demo" if (a.preset or "demo") == "demo" else "runs/sm70"
+        out = a.out or (base if a.resume else free_run_dir(base))  # resolved once, here, for every process
+        rc = launch(a.nproc, rest + ([] if a.out else ["--out", out]) + ["--no-eval", "--no-eval-before", "--no-merge"],
+                    script=os.path.abspath(__file__))
         if rc == 0:
-            out = a.out or ("runs/demo" if (a.preset or "demo") == "demo" else "runs/sm70")
             say(f"trained on {a.nproc} processes; evaluate with: qlora70 eval --model MODEL --adapter {out} "
                 "--task medqa --data data/medqa/US_4options_test_200.jsonl")
         return rc
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                           str(DATA_DIR / "medqa" / "US_4options_dev_300.jsonl")]
         limit = cfg.get("eval_limit") or 100
         specs = [s for s in default_eval_specs(limit) if s.name in ("medqa", "pubmedqa")]
-        out = a.out or "runs/demo"
+        out = a.out or ("runs/demo" if a.resume else free_run_dir("runs/demo"))  # a rerun never clashes
         say("what: quantize SmolLM2-135M-Instruct to NF4+DQ, LoRA-train it on shipped medical QA, and evaluate "
             f"before/after on {limit} held-out MedQA and {limit} PubMedQA questions (seeded samples)")
         say("why this model: no Llama-2 weights ship with the repo and a CPU cannot train 70B; the code path is the "
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--preset sm70 needs --data PATH (Medical Meadow / MedAlpaca JSON files or a directory "
                              "of them; SM70 used ~800K entries)")
         specs = default_eval_specs(cfg.get("eval_limit"))
-        out = a.out or "runs/sm70"
+        out = a.out or ("runs/sm70" if a.resume else free_run_dir("runs/sm70"))
     if a.no_eval:
         specs = []
     t0 = time.perf_counter()

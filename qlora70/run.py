@@ -115,6 +115,21 @@ def honest_reading(before: dict, after: dict, chance: dict[str, float]) -> list[
     return notes
 
 
+def run_dir_in_use(out_dir: str | os.PathLike) -> bool:
+    """True when `out_dir` holds a training run's checkpoints (so a fresh run there would clash with it)."""
+    return (Path(out_dir) / "checkpoints" / "latest.json").exists()
+
+
+def free_run_dir(base: str) -> str:
+    """`base` if no run is in it, else the first of base-2, base-3, ... that is free (default out dirs only)."""
+    if not run_dir_in_use(base):
+        return base
+    k = 2
+    while run_dir_in_use(f"{base}-{k}"):
+        k += 1
+    return f"{base}-{k}"
+
+
 def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *, eval_specs: list[EvalSpec],
                    eval_before: bool = True, resume: bool = False, save_merged: bool = True,
                    device: str = "auto", tokenizer_path: str | None = None, progress: bool = True,
@@ -129,6 +144,9 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
 
     t_start = time.perf_counter()
     out = Path(out_dir)
+    if not resume and run_dir_in_use(out):  # fail in seconds, not after loading and the first evaluation
+        raise ValueError(f"{out} already holds a training run ({out / 'checkpoints'}); continue it with --resume, "
+                         f"or pass another --out (nothing there is overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     info = init_distributed()  # rank 0 of 1 unless launched by torchrun / --nproc

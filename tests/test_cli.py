@@ -144,3 +144,18 @@ def test_train_nproc2_equals_one_process(tiny_model, tmp_path):
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_rerun_into_a_used_out_dir_fails_fast_and_default_dirs_step_aside(tmp_path):
+    from qlora70.run import free_run_dir, run_experiment
+    used = tmp_path / "runs" / "demo"
+    (used / "checkpoints").mkdir(parents=True)
+    (used / "checkpoints" / "latest.json").write_text('{"dir": "step-000030"}')
+    with pytest.raises(ValueError, match=r"already holds a training run .* --resume"):
+        run_experiment({}, [], str(used), eval_specs=[])  # raised before any model or data is touched
+    assert free_run_dir(str(used)) == f"{used}-2"
+    (tmp_path / "runs" / "demo-2" / "checkpoints").mkdir(parents=True)
+    assert free_run_dir(str(used)) == f"{used}-2"  # an empty checkpoints dir is not a run
+    (tmp_path / "runs" / "demo-2" / "checkpoints" / "latest.json").write_text("{}")
+    assert free_run_dir(str(used)) == f"{used}-3"
+    assert free_run_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
