@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         out = a.out or ("runs/sm70" if a.resume else free_run_dir("runs/sm70"))
     if a.no_eval:
         specs = []
+    say(f"output: {out}/")
     t0 = time.perf_counter()
     run_experiment(cfg, data, out, eval_specs=specs, eval_before=not a.no_eval_before, resume=a.resume,
                    save_merged=not a.no_merge, device=a.device, tokenizer_path=a.tokenizer,
