@@ -7,7 +7,8 @@ through memory; one fused C loop reads the packed bytes once and writes the outp
 
 The shared library is built with the system C compiler (`$CC`, else `cc`/`gcc`/`clang`) into a per-user cache
 (`$QLORA70_CACHE_DIR`, else `$XDG_CACHE_HOME/qlora70`, else `~/.cache/qlora70`), keyed by the source, the flags and
-the CPU, and written atomically (temp file, then rename). Without a compiler, or with `QLORA70_NATIVE=0`, every
+the CPU, and written atomically (temp file, then rename); `QLORA70_NATIVE_PORTABLE=1` builds for the compiler's
+baseline target instead of `-march=native` (the scalar loops). Without a compiler, or with `QLORA70_NATIVE=0`, every
 function here reports "unavailable" and callers use the torch path (same numbers, slower); `native_status()` says why.
 Work is split over up to `torch.get_num_threads()` pthreads inside the C call (ctypes releases the GIL meanwhile).
 """
@@ -69,7 +70,9 @@ def _cpu_id() -> str:
 
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
-    attempts = [["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"]]
+    portable = ["-O3", "-ffp-contract=off"]  # the compiler's baseline target: the scalar loops
+    attempts = [portable] if os.environ.get("QLORA70_NATIVE_PORTABLE") == "1" else [portable[:1] + ["-march=native"]
+                                                                                     + portable[1:], portable]
     key = hashlib.sha256(src + cc.encode() + _cpu_id().encode() + repr(attempts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"nf4_cpu_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
     if out.exists():

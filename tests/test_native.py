@@ -226,3 +226,29 @@ def test_linear4bit_reuses_its_nf4_view_until_tensors_change():
     assert lin.quant is not before and torch.equal(lin.dequantize(), other.dequantize())
     x = torch.randn(4, 70)
     assert torch.allclose(lin(x), x @ other.dequantize(torch.float32).t() + other.bias, atol=1e-5)
+
+
+SCALAR_PROBE = """
+    import torch
+    from qlora70 import native, nf4
+    assert native.native_status() == "available", native.native_status()
+    print(native.simd())
+    g = torch.Generator().manual_seed(1)
+    for shape in [(3, 5), (37, 131), (7, 4097), (131, 1029)]:
+        for bs, dq in [(64, True), (32, False), (4096, True)]:
+            w = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+            q = nf4.quantize_nf4(w, blocksize=bs, double_quant=dq)
+            ref_packed, ref_absmax, _ = nf4._quantize_torch(w.reshape(-1), bs)
+            assert torch.equal(q.packed, ref_packed), (shape, bs)
+            for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                assert torch.equal(nf4.dequantize_nf4(q, dt), nf4._dequantize_torch(q, dt)), (shape, bs, dt)
+    print("ok")
+"""
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_portable_scalar_build_is_bit_identical_too(tmp_path):
+    """Machines without AVX-512 run the scalar loops: build them here (baseline target) and check them as well."""
+    r = _run(SCALAR_PROBE, {"QLORA70_NATIVE_PORTABLE": "1", "QLORA70_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["scalar", "ok"], r.stdout
