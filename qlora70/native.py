@@ -177,6 +177,12 @@ def empty(n: int, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _check_blocksize(bs: int) -> None:
+    # the C loops assume an even blocksize (whole bytes per block) and keep one block's codes on the stack (<= 4096)
+    if not isinstance(bs, int) or bs < 2 or bs > 4096 or bs & (bs - 1):
+        raise ValueError(f"native NF4: blocksize must be a power of two in [2, 4096], got {bs!r}")
+
+
 def _cpu_contig(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError(f"native NF4: {name} must be a contiguous CPU tensor, got {t.device} "
@@ -199,6 +205,7 @@ def dequantize_into(q, out: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"native dequantize: unsupported output dtype {out.dtype}")
     _cpu_contig(out, "out")
     n, bs = out.numel(), q.blocksize
+    _check_blocksize(bs)
     n_blocks = -(-n // bs)
     packed = q.packed.reshape(-1).contiguous()
     _cpu_contig(packed, "packed")
@@ -239,6 +246,7 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
     if flat.dtype not in _IN_KIND:
         raise TypeError(f"native quantize: unsupported input dtype {flat.dtype}")
     _cpu_contig(flat, "input")
+    _check_blocksize(blocksize)
     n = flat.numel()
     n_blocks = -(-n // blocksize)
     kind, threads = _IN_KIND[flat.dtype], _threads(4 * n)  # ~4x the work per element of a dequantize

@@ -155,6 +155,9 @@ def test_rejects_bad_buffers():
         native.dequantize_into(q, torch.empty(512)[::2])
     with pytest.raises(TypeError, match="output dtype"):
         native.dequantize_into(q, torch.empty(256, dtype=torch.int32))
+    for bs in (8192, 48, 0):
+        with pytest.raises(ValueError, match="blocksize must be a power of two"):
+            native.quantize(torch.randn(256), bs, nf4._midpoints("nf4", "cpu"), 7)
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
