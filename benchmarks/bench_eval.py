@@ -19,7 +19,6 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from qlora70 import data as D  # noqa: E402
 from qlora70 import evaluate as E  # noqa: E402
 from qlora70.tasks import load_medqa, load_pubmedqa  # noqa: E402

@@ -22,7 +22,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from qlora70.checkpoint import parse_size, write_safetensors  # noqa: E402
 from qlora70.config import LlamaConfig  # noqa: E402
 from qlora70.io import atomic_write_json  # noqa: E402

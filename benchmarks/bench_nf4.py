@@ -13,8 +13,6 @@ in two interleaved rounds and the better round is kept.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -26,6 +24,7 @@ import torch
 # The package must be installed (`make test` / `pip install -e .`): putting the repo root on sys.path would expose
 # kernels/ as a top-level `kernels` module, which bitsandbytes tries to import as the PyPI `kernels` package.
 from qlora70 import native, ops  # noqa: E402
+from qlora70.io import atomic_write_json  # noqa: E402
 from qlora70.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 SHAPES = {"4096x4096": (4096, 4096), "70b q/o_proj 8192x8192": (8192, 8192), "70b k/v_proj 1024x8192": (1024, 8192),
@@ -154,11 +153,7 @@ def main(argv=None) -> int:
                 cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None, command=" ".join(sys.argv),
                 cpu_native=native.native_status(), cpu_simd=native.simd())
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    os.replace(tmp, a.out)
+    atomic_write_json(a.out, {"meta": meta, "rows": rows}, indent=1)
     print(f"\nwrote {a.out}")
     return 0
 
