@@ -42,27 +42,8 @@ def smollm2_gguf() -> Path | None:
     return found[0] if found else None
 
 
-class _SPTokenizer:
-    def __init__(self, proto: bytes) -> None:
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.eos_id()
-        self.vocab_size = self.sp.vocab_size()
-        self.add_bos_default = True
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-    def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
-
-
 def load_any_tokenizer() -> tuple[object, str]:
-    from qlora70.tokenizer import load_tokenizer
+    from qlora70.tokenizer import SentencePieceTokenizer, load_tokenizer
 
     g = smollm2_gguf()
     if g is not None:
@@ -76,7 +57,8 @@ def load_any_tokenizer() -> tuple[object, str]:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=4000, model_type="bpe",
                                    byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False)
-    return _SPTokenizer(buf.getvalue()), "sentencepiece BPE 4000 trained on MedQA dev (fallback)"
+    tok = SentencePieceTokenizer(buf.getvalue(), name="medqa-bpe-4000", pad_id=2)
+    return tok, "sentencepiece BPE 4000 trained on MedQA dev (fallback)"
 
 
 def build_models(kind: str, tok) -> dict[str, object]:

@@ -508,30 +508,16 @@ class DistributedTrainer(Trainer):
             log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
         return self._close_step(window, t0, lr, loss_sum, n_lab, n_tok, grad_norm)
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted mean validation cross-entropy over all ranks' shares of the validation set."""
-        if self.val_loader is None:
-            raise ValueError("DistributedTrainer.evaluate: no validation data")
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
+    def _val_batches(self):
+        """This rank's share of each global validation batch (a dummy, uncounted forward where it has none, so every
+        rank runs the same collectives)."""
         plan = self.val_loader
-        try:
-            for gb in plan.plan(0):
-                units = gb[self.rank::self.world_size]
-                batch = plan.collate(units or gb[:1])
-                if not units:  # this rank has no sequence in the last global batch: a dummy forward, nothing counted
-                    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-                s, n = self._forward_loss(batch)
-                total += float(s.double())
-                count += int(n)
-        finally:
-            self.model.train(was_training)
-        total, count = self._all_sum([total, count])
-        if count == 0:
-            raise ValueError("DistributedTrainer.evaluate: the validation data has no labelled tokens")
-        return total / count
+        for gb in plan.plan(0):
+            units = gb[self.rank::self.world_size]
+            batch = plan.collate(units or gb[:1])
+            if not units:
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            yield batch
 
     # ---- files: rank 0 writes, everyone waits ----------------------------------------------------------------------
     def fingerprint(self) -> dict:

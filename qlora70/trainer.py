@@ -273,27 +273,36 @@ class Trainer:
         return int(m.sum()) if m is not None else batch["input_ids"].numel()
 
     # ---- validation --------------------------------------------------------------------------------------------
+    def _val_batches(self):
+        """This process's validation batches, from the start (the distributed trainer yields its rank's share)."""
+        if hasattr(self.val_loader, "load_state_dict"):
+            self.val_loader.load_state_dict({"epoch": 0, "index": 0})
+        yield from self.val_loader
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """Sum over processes: one process here (the distributed trainer all-reduces)."""
+        return values
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-weighted mean validation cross-entropy (dropout off, no RNG consumed)."""
+        """Token-weighted mean validation cross-entropy (dropout off, no RNG consumed), over all processes."""
+        name = type(self).__name__
         if self.val_loader is None:
-            raise ValueError("Trainer.evaluate: no validation data")
+            raise ValueError(f"{name}.evaluate: no validation data")
         was_training = self.model.training
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
+        total, count = 0.0, 0
         try:
-            if hasattr(self.val_loader, "load_state_dict"):
-                self.val_loader.load_state_dict({"epoch": 0, "index": 0})
-            for batch in self.val_loader:
+            for batch in self._val_batches():
                 s, n = self._forward_loss(batch)
-                total += s.double().cpu()
+                total += float(s.double())
                 count += int(n)
         finally:
             self.model.train(was_training)
+        total, count = self._all_sum([total, count])
         if count == 0:
-            raise ValueError("Trainer.evaluate: the validation data has no labelled tokens")
-        return float(total / count)
+            raise ValueError(f"{name}.evaluate: the validation data has no labelled tokens")
+        return total / count
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def train(self, resume: bool | str = "auto") -> dict:
