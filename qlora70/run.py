@@ -116,8 +116,9 @@ def honest_reading(before: dict, after: dict, chance: dict[str, float]) -> list[
 
 
 def run_dir_in_use(out_dir: str | os.PathLike) -> bool:
-    """True when `out_dir` holds a training run's checkpoints (so a fresh run there would clash with it)."""
-    return (Path(out_dir) / "checkpoints" / "latest.json").exists()
+    """True when `out_dir` holds a training run's checkpoint, i.e. when the Trainer would refuse a fresh run there."""
+    from .trainer import latest_checkpoint
+    return latest_checkpoint(out_dir) is not None
 
 
 def free_run_dir(base: str) -> str:

@@ -138,6 +138,22 @@ class _ListLoader:
         return len(self.batches)
 
 
+def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint directory of the run in `out_dir` (named by checkpoints/latest.json), or None."""
+    root = os.path.join(os.fspath(out_dir), "checkpoints")
+    p = os.path.join(root, "latest.json")
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p, encoding="utf-8") as fh:
+            name = json.load(fh)["dir"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{p} is not a checkpoint pointer ({type(e).__name__}: {e}); restore it or remove the "
+                         "run directory") from None
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None
+
+
 class Trainer:
     """Train the LoRA parameters of `model` (a `qlora70.model.Llama`, 4-bit or not) on answer-only labelled data.
 
@@ -572,13 +588,7 @@ class Trainer:
         return h.hexdigest()[:16]
 
     def _latest_path(self) -> str | None:
-        p = os.path.join(self.ckpt_root, "latest.json")
-        if not os.path.isfile(p):
-            return None
-        with open(p, encoding="utf-8") as fh:
-            name = json.load(fh)["dir"]
-        path = os.path.join(self.ckpt_root, name)
-        return path if os.path.isdir(path) else None
+        return latest_checkpoint(self.out_dir)
 
     def _find_checkpoint(self, resume: bool | str) -> str | None:
         if isinstance(resume, str) and resume != "auto":
