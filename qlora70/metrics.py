@@ -3,8 +3,10 @@ answering, few-shot robustness, and lm-evaluation-harness-format output.
 
 Everything here is a pure function of per-item records (the `*_predictions.jsonl` lines `qlora70.evaluate` writes:
 `id`, `gold`, `pred`, `correct`, and in the log-likelihood modes `scores` = {label: summed log-likelihood} in display
-order) or of arrays; results are typed dataclasses with `to_dict()` / `to_markdown()`. Plots live in
-`qlora70.metrics_plots` (matplotlib imported inside its functions). Definitions:
+order) or of arrays; results are typed dataclasses with `to_dict()` / `to_markdown()`. Around it:
+`qlora70.metrics_report` assembles one run's / a before-after pair's figures for reports and the CLI,
+`qlora70.metrics_plots` draws them (matplotlib imported inside its functions), `qlora70.metrics_lmeval` writes
+lm-evaluation-harness's layout. Definitions:
 
 - Paired comparison of runs A (before) and B (after) on the same items, matched by id. Flip table: both right,
   right->wrong (b), wrong->right (c), both wrong. McNemar's exact test: p = min(1, 2 * P[X <= min(b, c)]) with
@@ -275,13 +277,21 @@ class PairedComparison:
 
     @property
     def verdict(self) -> str:
+        """Plain words: significant at alpha or not, by McNemar's exact test; flags a bootstrap interval that
+        disagrees (excludes 0 while p >= alpha, or includes 0 while p < alpha) as borderline."""
         d = f"{self.difference * 100:+.1f} points"
+        lo, hi = self.ci95
+        excludes0 = lo > 0 or hi < 0
+        ci = f"95% interval [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+        flips = f"{self.wrong_to_right} fixed vs {self.right_to_wrong} broken"
         if self.significant:
             way = "better" if self.difference > 0 else "worse"
             return (f"significant at {self.alpha:g}: {self.name_b} is {way} than {self.name_a} ({d}, McNemar exact "
-                    f"p = {self.p_value:.3g}, {self.wrong_to_right} fixed vs {self.right_to_wrong} broken)")
-        return (f"not significant at {self.alpha:g}: {d} (McNemar exact p = {self.p_value:.3g}; "
-                f"{self.wrong_to_right} fixed vs {self.right_to_wrong} broken); the data do not show a change")
+                    f"p = {self.p_value:.3g}, {flips}, {ci})"
+                    + ("" if excludes0 else "; the bootstrap interval includes 0, so the evidence is borderline"))
+        return (f"not significant at {self.alpha:g}: {d} (McNemar exact p = {self.p_value:.3g}, {flips}, {ci})"
+                + ("; the bootstrap interval excludes 0, so the evidence is borderline" if excludes0 else
+                   "; no change is shown"))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -529,55 +539,6 @@ def target_accuracy(confidence: np.ndarray, correct: np.ndarray, target: float, 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One task's probability-based figures together (what the run report and `qlora70 eval` show)
-# --------------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ItemMetrics:
-    """Calibration + selective answering (+ the held-out target-accuracy threshold) of one evaluation."""
-
-    name: str
-    calibration: Calibration
-    selective: Selective
-    target: TargetAccuracy | None = None
-
-    def to_dict(self, curve: bool = False) -> dict:
-        return {"name": self.name, "calibration": self.calibration.to_dict(),
-                "selective": self.selective.to_dict(curve=curve),
-                "target_accuracy": None if self.target is None else self.target.to_dict()}
-
-    def to_markdown(self) -> str:
-        out = [f"#### {self.name}: calibration and selective answering", "", self.calibration.to_markdown(),
-               self.selective.to_markdown()]
-        if self.target is not None:
-            out.append(self.target.to_markdown())
-        return "\n".join(out)
-
-    def save_plots(self, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, str]:
-        """`<stem>_reliability.png` and `<stem>_coverage.png` under `out_dir` (atomic writes); returns the paths."""
-        from .metrics_plots import plot_coverage, plot_reliability
-        stem = stem or self.name
-        out = Path(out_dir)
-        return {"reliability": plot_reliability(self.calibration, out / f"{stem}_reliability.png", title=self.name),
-                "coverage": plot_coverage(self.selective, out / f"{stem}_coverage.png", title=self.name,
-                                          target=self.target)}
-
-
-def item_metrics(pred: ItemPredictions, *, name: str | None = None, n_bins: int = ECE_BINS,
-                 target: float | None = None, seed: int = 0,
-                 coverages: Sequence[float] = COVERAGES) -> ItemMetrics:
-    """Calibration, selective answering and (with `target`) the held-out threshold, from one set of predictions."""
-    pred.need_scores("calibration / selective answering")
-    lp = pred.log_probs()
-    conf = np.exp(lp.max(axis=1))
-    hit = lp.argmax(axis=1) == pred.gold
-    return ItemMetrics(name=name or Path(pred.source).name.removesuffix("_predictions.jsonl"),
-                       calibration=calibration(lp, pred.gold, n_bins=n_bins),
-                       selective=selective(conf, hit, coverages=coverages),
-                       target=None if target is None else target_accuracy(conf, hit, target, seed=seed))
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Few-shot robustness
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -616,5 +577,5 @@ def shot_robustness(accuracies: Sequence[float], seeds: Sequence[int], k_shot: i
 
 __all__ = ["ItemPredictions", "read_predictions", "predictions_from_records", "log_softmax", "mcnemar_exact",
            "paired_bootstrap", "PairedComparison", "align", "compare", "compare_files", "Calibration", "calibration",
-           "Selective", "selective", "TargetAccuracy", "choose_threshold", "target_accuracy", "ItemMetrics",
-           "item_metrics", "ShotRobustness", "shot_robustness"]
+           "Selective", "selective", "TargetAccuracy", "choose_threshold", "target_accuracy",
+           "ShotRobustness", "shot_robustness"]

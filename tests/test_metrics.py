@@ -3,6 +3,7 @@ worked out by hand (written in the tests) and against the per-item files the cur
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 from fractions import Fraction
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from qlora70 import metrics as M
+from qlora70 import metrics_report as R
 from qlora70.metrics_lmeval import acc_stderr, lm_eval_results, lm_eval_samples, write_lm_eval
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -300,7 +302,7 @@ def test_reader_errors_name_file_and_field(tmp_path):
     assert p.accuracy == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match=r"x_predictions.jsonl: calibration .* needs per-choice log-likelihoods.*"
                                          r"record 1 \(id q0\) has no 'scores'"):
-        M.item_metrics(p)
+        R.item_metrics(p)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         M.read_predictions(tmp_path / "nope.jsonl")
     bad = records([1], scores=[[-1.0, -2.0]], gold=["C"])
@@ -361,7 +363,7 @@ def test_reads_the_predictions_file_evaluate_writes(evaluated):
     # the argmax of the softmax is the prediction evaluate made; the gold index is the gold label's position
     for i, r in enumerate(rep.predictions):
         assert "ABCD"[int(np.argmax(p.probs()[i]))] == r["pred"] and "ABCD"[p.gold[i]] == r["gold"]
-    m = M.item_metrics(p, target=0.3, seed=0)
+    m = R.item_metrics(p, target=0.3, seed=0)
     assert m.calibration.accuracy == pytest.approx(rep.accuracy)
     assert m.selective.accuracy_at["100%"] == pytest.approx(rep.accuracy)
 
@@ -383,7 +385,7 @@ def test_pngs_written_atomically_and_non_empty(tmp_path):
     ll = rng.normal(size=(n, 4)) * 2
     gold = np.where(rng.random(n) < 0.6, ll.argmax(1), rng.integers(0, 4, n))
     recs = records([0] * n, scores=ll, gold=["ABCD"[g] for g in gold])
-    m = M.item_metrics(M.predictions_from_records(recs, "medqa_after"), target=0.7, seed=0)
+    m = R.item_metrics(M.predictions_from_records(recs, "medqa_after"), target=0.7, seed=0)
     paths = m.save_plots(tmp_path / "plots", "medqa_after")
     for key in ("reliability", "coverage"):
         data = Path(paths[key]).read_bytes()
@@ -453,3 +455,49 @@ def test_lm_eval_acc_norm_from_option_scores():
     assert res["acc,none"] == 0.5 and res["acc_norm,none"] == 0.5
     s = lm_eval_samples("medqa", p, pred_norm=pn)
     assert [x["acc_norm"] for x in s] == [0.0, 1.0] and s[0]["metrics"] == ["acc", "acc_norm"]
+
+
+# ---- report assembly ----------------------------------------------------------------------------------------------
+
+def test_before_after_section_one_source_for_each_figure(evaluated, tmp_path):
+    pytest.importorskip("matplotlib")
+    sec = R.before_after({"medqa": evaluated["before_report"], "usmle": records([1])},
+                         {"medqa": evaluated["after_report"]}, plots_dir=tmp_path, target=0.3, n_resamples=1000)
+    assert sec.skipped == ["usmle"] and [t.task for t in sec.tasks] == ["medqa"]
+    d, md = sec.to_dict(), sec.to_markdown(link_dir=tmp_path)
+    t = d["tasks"]["medqa"]
+    direct = M.compare(R.as_predictions(evaluated["before"]), R.as_predictions(evaluated["after"]), n_resamples=1000)
+    assert t["paired"]["p_value"] == direct.p_value and t["paired"]["ci95"] == list(direct.ci95)
+    assert f"| {direct.p_value:.3g} |" in md and f"[{direct.ci95[0]:+.3f}, {direct.ci95[1]:+.3f}]" in md
+    for run in ("before", "after"):
+        assert f"| {t[run]['calibration']['ece']:.4f} |" in md and f"| {t[run]['selective']['aurc']:.4f} |" in md
+    assert set(t["plots"]) == {"reliability_before", "reliability_after", "coverage"}
+    for p in t["plots"].values():
+        assert Path(p).read_bytes()[:8] == PNG_MAGIC
+    assert "](medqa_coverage.png)" in md and "not compared (evaluated only once): usmle" in md
+    json.dumps(d)  # report.json-ready
+
+
+def test_before_after_without_scores_still_pairs(tmp_path):
+    sec = R.before_after({"usmle": records([1, 0, 1, 0])}, {"usmle": records([1, 1, 1, 0])}, plots_dir=tmp_path,
+                         n_resamples=200)
+    t = sec.tasks[0]
+    assert t.paired.wrong_to_right == 1 and t.before is None and "needs per-choice log-likelihoods" in t.note
+    assert os.listdir(tmp_path) == [] and "calibration skipped" in sec.to_markdown()
+
+
+def test_shot_seeds():
+    assert R.shot_seeds(5, 3) == [5, 6, 7]
+    with pytest.raises(ValueError, match="--shot-seeds"):
+        R.shot_seeds(0, 0)
+
+
+@pytest.mark.parametrize("p, ci, want", [
+    (0.0527, (0.005, 0.205), "not significant at 0.05: +10.5 points .*excludes 0, so the evidence is borderline"),
+    (0.30, (-0.05, 0.25), "not significant at 0.05: .*; no change is shown"),
+    (0.01, (0.02, 0.2), r"significant at 0.05: after is better than before \(\+10.5 points.*\)$"),
+    (0.04, (-0.01, 0.2), "significant at 0.05: .*includes 0, so the evidence is borderline"),
+])
+def test_verdict_words(p, ci, want):
+    r = M.PairedComparison("before", "after", 200, 0.385, 0.49, 0.105, 50, 43, 64, 43, p, ci, 10000, 0)
+    assert re.match(want, r.verdict) and r.significant == (p < 0.05)
