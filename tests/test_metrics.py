@@ -493,7 +493,7 @@ def test_shot_seeds():
 
 
 @pytest.mark.parametrize("p, ci, want", [
-    (0.0527, (0.005, 0.205), "not significant at 0.05: +10.5 points .*excludes 0, so the evidence is borderline"),
+    (0.0527, (0.005, 0.205), r"not significant at 0.05: \+10.5 points .*excludes 0, so the evidence is borderline"),
     (0.30, (-0.05, 0.25), "not significant at 0.05: .*; no change is shown"),
     (0.01, (0.02, 0.2), r"significant at 0.05: after is better than before \(\+10.5 points.*\)$"),
     (0.04, (-0.01, 0.2), "significant at 0.05: .*includes 0, so the evidence is borderline"),
