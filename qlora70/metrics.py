@@ -422,7 +422,8 @@ class Selective:
 
     n: int
     aurc: float  # area under the risk-coverage curve: mean over k of (1 - accuracy of the top k); lower is better
-    accuracy_at: dict[str, float]  # "50%" -> accuracy of the most confident 50% of the items
+    accuracy_at: dict[str, float]  # "50%" -> accuracy of the most confident ceil(50% of n) items
+    coverage_at: dict[str, float] = field(default_factory=dict)  # "50%" -> the coverage really used, ceil(c n) / n
     coverage: list[float] = field(default_factory=list, repr=False)  # k / n, k = 1..n
     accuracy: list[float] = field(default_factory=list, repr=False)  # accuracy of the top k
     threshold: list[float] = field(default_factory=list, repr=False)  # confidence of the k-th item
@@ -463,13 +464,14 @@ def selective(confidence: np.ndarray, correct: np.ndarray, *,
     n = conf.size
     k = np.arange(1, n + 1)
     acc = np.cumsum(hit) / k
-    at = {}
+    at, cov = {}, {}
     for c in coverages:
         if not 0 < c <= 1:
             raise ValueError(f"coverage must be in (0, 1], got {c}")
-        at[f"{c:.0%}"] = float(acc[max(1, math.ceil(c * n - 1e-9)) - 1])
-    return Selective(n=n, aurc=float(np.mean(1.0 - acc)), accuracy_at=at, coverage=(k / n).tolist(),
-                     accuracy=acc.tolist(), threshold=conf.tolist())
+        m = max(1, math.ceil(c * n - 1e-9))
+        at[f"{c:.0%}"], cov[f"{c:.0%}"] = float(acc[m - 1]), m / n
+    return Selective(n=n, aurc=float(np.mean(1.0 - acc)), accuracy_at=at, coverage_at=cov,
+                     coverage=(k / n).tolist(), accuracy=acc.tolist(), threshold=conf.tolist())
 
 
 @dataclass

@@ -63,12 +63,13 @@ def plot_coverage(curves: Mapping[str, Any], path: str | os.PathLike, *, title: 
     `TargetAccuracy`, of the last run) its target line and held-out operating point."""
     fig, ax = _figure(5.6, 4.4)
     n = 0
-    for (name, sel), color in zip(curves.items(), ("tab:gray", "tab:blue", "tab:orange", "tab:purple")):
+    styles = (("tab:gray", "--", 1.4), ("tab:blue", "-", 1.6), ("tab:orange", "-", 1.6), ("tab:purple", "-", 1.6))
+    for z, ((name, sel), (color, ls, lw)) in enumerate(zip(curves.items(), styles)):
         n = max(n, sel.n)
-        ax.plot([c * 100 for c in sel.coverage], sel.accuracy, color=color, lw=1.6,
+        ax.plot([c * 100 for c in sel.coverage], sel.accuracy, color=color, ls=ls, lw=lw, zorder=2 + len(curves) - z,
                 label=f"{name}: AURC {sel.aurc:.4f}")
         for cov, acc in sel.accuracy_at.items():
-            x = float(cov.rstrip("%"))
+            x = sel.coverage_at.get(cov, float(cov.rstrip("%")) / 100) * 100  # the coverage really used: ceil(c n)/n
             ax.scatter([x], [acc], color=color, s=22, zorder=3)
             ax.annotate(f"{acc:.3f}", (x, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
                         color=color)

@@ -213,6 +213,7 @@ def test_coverage_curve_hand_values_and_aurc():
     assert s.aurc == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)  # 13/48
     assert s.area_accuracy_coverage == pytest.approx(1 - 13 / 48)
     assert s.accuracy_at == {"50%": 0.5, "80%": 0.75, "100%": 0.75}  # 80% of 4 -> top ceil(3.2) = 4
+    assert s.coverage_at == {"50%": 0.5, "80%": 1.0, "100%": 1.0}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
