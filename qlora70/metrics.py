@@ -4,13 +4,15 @@ answering, few-shot robustness, and lm-evaluation-harness-format output.
 Everything here is a pure function of per-item records (the `*_predictions.jsonl` lines `qlora70.evaluate` writes:
 `id`, `gold`, `pred`, `correct`, and in the log-likelihood modes `scores` = {label: summed log-likelihood} in display
 order) or of arrays; results are typed dataclasses with `to_dict()` / `to_markdown()`. Around it:
-`qlora70.metrics_report` assembles one run's / a before-after pair's figures for reports and the CLI,
+`qlora70.metrics_report` assembles one run's / a before-after pair's figures for reports and the CLI (and holds
+the few-shot robustness summary),
 `qlora70.metrics_plots` draws them (matplotlib imported inside its functions), `qlora70.metrics_lmeval` writes
 lm-evaluation-harness's layout. Definitions:
 
 - Paired comparison of runs A (before) and B (after) on the same items, matched by id. Flip table: both right,
   right->wrong (b), wrong->right (c), both wrong. McNemar's exact test: p = min(1, 2 * P[X <= min(b, c)]) with
-  X ~ Binomial(b + c, 1/2), p = 1 when b + c = 0, summed exactly in integers (no overflow at any n). Paired bootstrap:
+  X ~ Binomial(b + c, 1/2), p = 1 when b + c = 0, summed exactly in integers up to 20,000 discordant pairs
+  and in log space above (no overflow at any n). Paired bootstrap:
   the same resampled item indices for both runs, the accuracy difference B - A per resample, percentile interval.
 - Choice probabilities: softmax over an item's per-choice log-likelihoods (`scores`, the raw sums lm-eval's `acc`
   uses). Confidence = the top probability; the prediction = its argmax. ECE with equal-width bins on [0, 1] (bin i is
@@ -213,19 +215,39 @@ def read_predictions(path: str | os.PathLike, *, score_key: str = "scores") -> I
 # Paired before/after
 # --------------------------------------------------------------------------------------------------------------------
 
+EXACT_MAX_PAIRS = 20_000  # above this many discordant pairs the tail is summed in log space (O(k) instead of O(k n))
+
+
+def _half_tail_exact(n: int, k: int) -> float:
+    """P[X <= k], X ~ Binomial(n, 1/2): exact integer sum of C(n, i), one correctly rounded division at the end
+    (int / int never overflows; it underflows to 0.0)."""
+    term, tail = 1, 1  # C(n, 0)
+    for i in range(k):
+        term = term * (n - i) // (i + 1)  # C(n, i + 1), exact
+        tail += term
+    return tail / (1 << n)
+
+
+def _half_tail_log(n: int, k: int) -> float:
+    """P[X <= k] for large n: log C(n, i) by cumulative sums of log((n - i) / (i + 1)), then log-sum-exp
+    (float64; relative error ~1e-10 at n = 10^5)."""
+    i = np.arange(k, dtype=np.float64)
+    logc = np.concatenate([[0.0], np.cumsum(np.log(n - i) - np.log(i + 1))])
+    m = logc.max()
+    return float(math.exp(m + math.log(np.exp(logc - m).sum()) - n * math.log(2.0)))
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for b right->wrong and c wrong->right pairs: min(1, 2 P[X <= min(b, c)]),
-    X ~ Binomial(b + c, 1/2). Exact integer sum of binomial coefficients, one correctly rounded division at the end."""
+    X ~ Binomial(b + c, 1/2); 1 when b + c = 0. Exact integer arithmetic up to `EXACT_MAX_PAIRS` discordant pairs,
+    log space above (no overflow at any n)."""
     if b < 0 or c < 0 or int(b) != b or int(c) != c:
         raise ValueError(f"mcnemar_exact: b and c must be non-negative integers, got b={b}, c={c}")
     n, k = int(b) + int(c), min(int(b), int(c))
     if n == 0:
         return 1.0
-    term, tail = 1, 1  # C(n, 0)
-    for i in range(k):
-        term = term * (n - i) // (i + 1)  # C(n, i + 1), exact
-        tail += term
-    return min(1.0, (2 * tail) / (1 << n))  # int / int: correctly rounded, underflows to 0.0, never overflows
+    tail = _half_tail_exact(n, k) if n <= EXACT_MAX_PAIRS else _half_tail_log(n, k)
+    return min(1.0, 2 * tail)
 
 
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *, n_resamples: int = BOOTSTRAP_RESAMPLES,
@@ -540,44 +562,6 @@ def target_accuracy(confidence: np.ndarray, correct: np.ndarray, target: float, 
         report_accuracy=float(hit[rep][ans_r].mean()) if ans_r.any() else math.nan)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Few-shot robustness
-# --------------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ShotRobustness:
-    """Accuracy over N independent draws of the k shots (one seed per draw); std is the sample std (ddof=1)."""
-
-    k_shot: int
-    seeds: list[int]
-    accuracies: list[float]
-    mean: float
-    std: float  # nan for a single seed
-    min: float
-    max: float
-
-    def to_dict(self) -> dict:
-        return _clean(asdict(self))
-
-    def to_markdown(self) -> str:
-        return (f"| k-shot | shot seeds | mean accuracy | std (sample) | min | max |\n|---|---|---|---|---|---|\n"
-                f"| {self.k_shot} | {', '.join(map(str, self.seeds))} | {self.mean:.3f} | {_fmt(self.std)} | "
-                f"{self.min:.3f} | {self.max:.3f} |\n")
-
-
-def shot_robustness(accuracies: Sequence[float], seeds: Sequence[int], k_shot: int) -> ShotRobustness:
-    """Summarise the accuracies of N shot draws (`accuracies[i]` came from `seeds[i]`)."""
-    acc = np.asarray(accuracies, dtype=np.float64)
-    if acc.ndim != 1 or acc.size == 0 or len(seeds) != acc.size:
-        raise ValueError(f"shot_robustness: need one accuracy per seed, got {acc.size} accuracies, {len(seeds)} seeds")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"shot_robustness: seeds must differ (independent draws), got {list(seeds)}")
-    return ShotRobustness(k_shot=int(k_shot), seeds=[int(s) for s in seeds], accuracies=acc.tolist(),
-                          mean=float(acc.mean()), std=float(acc.std(ddof=1)) if acc.size > 1 else math.nan,
-                          min=float(acc.min()), max=float(acc.max()))
-
-
 __all__ = ["ItemPredictions", "read_predictions", "predictions_from_records", "log_softmax", "mcnemar_exact",
            "paired_bootstrap", "PairedComparison", "align", "compare", "compare_files", "Calibration", "calibration",
-           "Selective", "selective", "TargetAccuracy", "choose_threshold", "target_accuracy",
-           "ShotRobustness", "shot_robustness"]
+           "Selective", "selective", "TargetAccuracy", "choose_threshold", "target_accuracy"]

@@ -1,5 +1,6 @@
 """Assemble `qlora70.metrics` figures for a report: one run's calibration and selective answering (`item_metrics`),
-a before/after pair of runs over several tasks (`before_after`), few-shot robustness over shot seeds.
+a before/after pair of runs over several tasks (`before_after`), few-shot robustness over shot seeds
+(`shot_robustness`: mean, sample std, min, max of the accuracies of N independent shot draws).
 
 Inputs are duck-typed so `evaluate` / `run` / `cli` wire them in a few lines without this module importing them: a run
 is an `ItemPredictions`, a predictions-file path, an `EvalReport` (anything with `.predictions`, a list of per-item
@@ -8,15 +9,16 @@ dicts) or such a list itself. Every figure is computed once here; `to_dict()` (r
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .metrics import (ALPHA, BOOTSTRAP_RESAMPLES, COVERAGES, ECE_BINS, Calibration, ItemPredictions,
-                      PairedComparison, Selective, TargetAccuracy, _fmt, calibration, compare,
+                      PairedComparison, Selective, TargetAccuracy, _clean, _fmt, calibration, compare,
                       predictions_from_records, read_predictions, selective, target_accuracy)
 
 
@@ -189,6 +191,43 @@ def before_after(before: Mapping[str, Any], after: Mapping[str, Any], *, plots_d
         pa = as_predictions(after[task], f"{task} {names[1]}")
         tasks.append(_pair_task(task, pb, pa, names, plots_dir, target, seed, n_resamples, alpha))
     return BeforeAfter(tasks, names, skipped)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Few-shot robustness
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ShotRobustness:
+    """Accuracy over N independent draws of the k shots (one seed per draw); std is the sample std (ddof=1)."""
+
+    k_shot: int
+    seeds: list[int]
+    accuracies: list[float]
+    mean: float
+    std: float  # nan for a single seed
+    min: float
+    max: float
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def to_markdown(self) -> str:
+        return (f"| k-shot | shot seeds | mean accuracy | std (sample) | min | max |\n|---|---|---|---|---|---|\n"
+                f"| {self.k_shot} | {', '.join(map(str, self.seeds))} | {self.mean:.3f} | {_fmt(self.std)} | "
+                f"{self.min:.3f} | {self.max:.3f} |\n")
+
+
+def shot_robustness(accuracies: Sequence[float], seeds: Sequence[int], k_shot: int) -> ShotRobustness:
+    """Summarise the accuracies of N shot draws (`accuracies[i]` came from `seeds[i]`)."""
+    acc = np.asarray(accuracies, dtype=np.float64)
+    if acc.ndim != 1 or acc.size == 0 or len(seeds) != acc.size:
+        raise ValueError(f"shot_robustness: need one accuracy per seed, got {acc.size} accuracies, {len(seeds)} seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"shot_robustness: seeds must differ (independent draws), got {list(seeds)}")
+    return ShotRobustness(k_shot=int(k_shot), seeds=[int(s) for s in seeds], accuracies=acc.tolist(),
+                          mean=float(acc.mean()), std=float(acc.std(ddof=1)) if acc.size > 1 else math.nan,
+                          min=float(acc.min()), max=float(acc.max()))
 
 
 def shot_seeds(seed: int, n: int) -> list[int]:

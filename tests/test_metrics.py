@@ -71,6 +71,18 @@ def test_mcnemar_large_n_no_overflow_matches_log_space(b, c):
         assert p == pytest.approx(float(min(1, 2 * tail)), rel=1e-15)
 
 
+@pytest.mark.parametrize("n, k", [(30, 9), (2001, 950), (19999, 9800), (30000, 14700)])
+def test_mcnemar_log_space_tail_equals_exact_tail(n, k):
+    from qlora70.metrics import _half_tail_exact, _half_tail_log
+    assert _half_tail_log(n, k) == pytest.approx(_half_tail_exact(n, k), rel=1e-9)
+
+
+def test_mcnemar_huge_n_is_fast_and_sane():
+    assert M.mcnemar_exact(500_000, 500_000) == 1.0
+    p = M.mcnemar_exact(100_000, 102_000)  # z = 2000 / sqrt(202000) = 4.45: normal approximation ~8.6e-6
+    assert 1e-6 < p < 1e-4
+
+
 def test_mcnemar_rejects_bad_counts():
     with pytest.raises(ValueError, match="non-negative integers"):
         M.mcnemar_exact(-1, 3)
@@ -274,14 +286,14 @@ def test_target_unreachable():
 # ---- few-shot robustness ----------------------------------------------------------------------------------------
 
 def test_shot_robustness():
-    r = M.shot_robustness([0.50, 0.60, 0.70, 0.40], seeds=[0, 1, 2, 3], k_shot=3)
+    r = R.shot_robustness([0.50, 0.60, 0.70, 0.40], seeds=[0, 1, 2, 3], k_shot=3)
     # mean 0.55; sample std sqrt(((-.05)^2 + .05^2 + .15^2 + (-.15)^2) / 3) = sqrt(0.05/3) = 0.129099...
     assert r.mean == pytest.approx(0.55) and r.std == pytest.approx(math.sqrt(0.05 / 3))
     assert (r.min, r.max, r.seeds) == (0.4, 0.7, [0, 1, 2, 3])
     assert "| 3 | 0, 1, 2, 3 | 0.550 |" in r.to_markdown()
-    assert math.isnan(M.shot_robustness([0.5], [0], 1).std) and M.shot_robustness([0.5], [0], 1).to_dict()["std"] is None
+    assert math.isnan(R.shot_robustness([0.5], [0], 1).std) and R.shot_robustness([0.5], [0], 1).to_dict()["std"] is None
     with pytest.raises(ValueError, match="seeds must differ"):
-        M.shot_robustness([0.5, 0.6], [1, 1], 3)
+        R.shot_robustness([0.5, 0.6], [1, 1], 3)
 
 
 # ---- readers: errors name the file and the field ------------------------------------------------------------------
