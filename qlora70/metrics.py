@@ -129,8 +129,9 @@ def _field(rec: dict, key: str, where: str, kinds: tuple[type, ...]) -> Any:
 
 def _choice_fields(rec: dict, where: str, score_key: str) -> tuple[list[str], int, list[float], list[bool] | None]:
     """(labels, gold index, log-likelihoods, is_greedy) of one record; accepts today's `scores` = {label: ll} and the
-    explicit `labels` / `gold_index` / `logliks` / `probs` / `is_greedy` lists the integration adds."""
-    if "logliks" in rec or "probs" in rec:
+    explicit `labels` / `gold_index` / `logliks` / `probs` / `is_greedy` lists the integration adds (those hold the
+    raw scores, so another `score_key` such as "scores_norm" always reads that dict)."""
+    if score_key == "scores" and ("logliks" in rec or "probs" in rec):
         labels = _field(rec, "labels", where, (list,))
         if "logliks" in rec:
             ll = [float(v) for v in _field(rec, "logliks", where, (list,))]
@@ -178,9 +179,13 @@ def predictions_from_records(records: Iterable[dict], source: str = "<records>",
         seen[rid] = n
         ids.append(rid)
         correct.append(bool(_field(rec, "correct", where, (bool,))))
-        if missing is None and (score_key in rec or "logliks" in rec or "probs" in rec):
+        has = score_key in rec or (score_key == "scores" and ("logliks" in rec or "probs" in rec))
+        if missing is None and has:
             lab, gi, ll, gr = _choice_fields(rec, where, score_key)
-            labels.append(lab), gold.append(gi), lls.append(ll), greedy.append(gr)
+            labels.append(lab)
+            gold.append(gi)
+            lls.append(ll)
+            greedy.append(gr)
         elif missing is None:
             missing = f"record {n} (id {rid}) has no {score_key!r}"
     if missing is not None or not ids:

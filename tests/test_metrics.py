@@ -331,6 +331,11 @@ def test_reader_accepts_explicit_probability_fields():
     for p in (p2, p3):
         np.testing.assert_allclose(p.probs(), p1.probs(), atol=1e-12)
         assert p.gold.tolist() == [1]
+    # score_key="scores_norm" reads that dict even when the raw `logliks` are there too
+    both = {**base, "labels": ["A", "B"], "logliks": [-2.0, -0.5], "scores_norm": {"A": -0.1, "B": -0.4}}
+    pn = M.predictions_from_records([both], "f", score_key="scores_norm")
+    assert pn.logliks.tolist() == [[-0.1, -0.4]] and pn.gold.tolist() == [1]
+    assert M.predictions_from_records([both], "f").logliks.tolist() == [[-2.0, -0.5]]
     with pytest.raises(ValueError, match="summing to 1"):
         M.predictions_from_records([{**base, "labels": ["A", "B"], "probs": [0.5, 0.6]}], "f")
 
