@@ -519,3 +519,18 @@ def test_shot_seeds():
 def test_verdict_words(p, ci, want):
     r = M.PairedComparison("before", "after", 200, 0.385, 0.49, 0.105, 50, 43, 64, 43, p, ci, 10000, 0)
     assert re.match(want, r.verdict) and r.significant == (p < 0.05)
+
+
+def test_paired_report_example_on_a_run_directory(evaluated, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import runpy
+    ex = runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "paired_report.py"))
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    for k in ("before", "after"):
+        (run / "eval" / f"medqa_{k}_predictions.jsonl").write_bytes(evaluated[k].read_bytes())
+    assert ex["main"]([str(run), "--resamples", "500", "--target-accuracy", "0.3"]) == 0
+    saved = json.loads((run / "paired.json").read_text())
+    assert saved["tasks"]["medqa"]["paired"]["n"] == 40 and "McNemar exact" in (run / "paired.md").read_text()
+    assert (run / "medqa_coverage.png").read_bytes()[:8] == PNG_MAGIC
+    assert ex["main"]([str(tmp_path / "empty")]) == 1 and "no task has both" in capsys.readouterr().err
