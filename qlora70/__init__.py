@@ -25,7 +25,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "generate": "generation",
     # LoRA / training
     "LoRALinear": "lora", "inject_lora": "lora", "merge_lora": "lora",
-    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "lora",
+    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "checkpoint",
     "set_gradient_checkpointing": "model", "PagedAdamW": "optim", "chunked_cross_entropy": "losses",
     "Trainer": "trainer",
     # data / evaluation

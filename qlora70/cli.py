@@ -116,7 +116,7 @@ def cmd_generate(a) -> int:
 
 # ---- merge -----------------------------------------------------------------------------------------------------
 def cmd_merge(a) -> int:
-    from .lora import save_merged
+    from .checkpoint import save_merged
     _need_path(a.model, "--model")
     _need_path(a.adapter, "--adapter")
     m = _load(a.model, a.adapter, None if a.from_full_precision else "nf4", device=a.device)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding): HF / PyTorch convention
+# gradient-checkpointing recompute policies (implemented in qlora70.recompute; "auto" resolves by device there)
+CHECKPOINT_POLICIES = ("auto", "full", "keep_base_outputs")
 
 
 @dataclass
@@ -261,8 +264,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.early_stopping_patience needs a validation split (val_fraction or val_size)")
         if self.optim_bits not in (8, 32):
             raise ValueError(f"TrainConfig.optim_bits must be 32 or 8, got {self.optim_bits!r}")
-        if self.checkpoint_policy not in ("auto", "full", "keep_base_outputs"):
-            raise ValueError(f"TrainConfig.checkpoint_policy must be 'auto', 'full' or 'keep_base_outputs', got "
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"TrainConfig.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got "
                              f"{self.checkpoint_policy!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.compute_dtype must be 'auto', 'bf16' or 'fp32', got {self.compute_dtype!r}")

@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .layers import Linear4bit
+from .recompute import RECOMPUTE_POLICIES, keep_base_outputs_context_fn
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -222,7 +223,6 @@ class Llama(nn.Module):
                        else contextlib.nullcontext())
                 kw = {}
                 if self.checkpoint_policy == "keep_base_outputs":  # reuse the frozen base matmuls of LoRA layers
-                    from .lora import keep_base_outputs_context_fn
                     kw["context_fn"] = keep_base_outputs_context_fn
                 with ctx:  # checkpoint saves the layer inputs through the ambient hooks: to CPU when offloading
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **kw)
@@ -298,10 +298,10 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, offload: 
     """Recompute each decoder layer in backward (`torch.utils.checkpoint`, use_reentrant=False) instead of keeping its
     activations; only the layer inputs (B, T, D) are saved, on CPU when `offload` (pinned when the model is on CUDA).
     policy "keep_base_outputs" also keeps the LoRA layers' frozen base outputs from the forward so the recomputation
-    skips those matmuls (`qlora70.lora.keep_base_outputs_context_fn`; more memory, less compute).
+    skips those matmuls (`qlora70.recompute.keep_base_outputs_context_fn`; more memory, less compute).
     Active only when gradients are enabled and no KV cache is passed."""
-    if policy not in ("full", "keep_base_outputs"):
-        raise ValueError(f"checkpoint policy must be 'full' or 'keep_base_outputs', got {policy!r}")
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"checkpoint policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
     target = model
     while not isinstance(target, Llama):  # accept wrappers exposing the Llama as `.model` / `.base_model`
         nxt = getattr(target, "base_model", None) or getattr(target, "model", None)

@@ -139,7 +139,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
     from .distributed import DistributedTrainer, init_distributed
     from .config import LoRAConfig, TrainConfig
     from .data import build_dataset, contamination_check_paths
-    from .lora import save_merged as _save_merged
+    from .checkpoint import save_merged as _save_merged
     from .tokenizer import load_tokenizer
     from .trainer import Trainer
 

@@ -318,7 +318,7 @@ def test_nf4_linear_backward_matches_dense(shape):
 @pytest.mark.parametrize("fmt", ["hf", "bnb4", "gguf"])
 def test_save_merged_loads_back(tmp_path, fmt):
     from qlora70.checkpoint import load_model
-    from qlora70.lora import save_merged
+    from qlora70.checkpoint import save_merged
 
     m = tiny_llama(quantize=True)
     inject_lora(m, LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj")))
@@ -389,7 +389,7 @@ def test_keep_base_outputs_checkpointing_matches_and_skips_base_recompute(four_b
     """Selective recomputation: same grads as no checkpointing, and each base layer runs once (not twice)."""
     from torch.utils.checkpoint import checkpoint
 
-    from qlora70.lora import keep_base_outputs_context_fn
+    from qlora70.recompute import keep_base_outputs_context_fn
 
     def build():
         torch.manual_seed(0)
