@@ -25,7 +25,7 @@ ORDER = (
     "tokenizer.gguf_meta", "tokenizer",
     "checkpoint", "losses", "optim",
     "tasks.base", "tasks.mcq", "tasks.medqa", "tasks.pubmedqa", "tasks.usmle", "tasks",
-    "data.templates", "data.entries", "data.tokenized", "data.batching", "data.contamination", "data",
+    "data.entries", "data.templates", "data.tokenized", "data.batching", "data.contamination", "data",
     "prompts", "scoring", "train_state", "trainer", "distributed", "metrics", "evaluate",
     "planner", "recipe", "run", "cli",
     "__init__",
