@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     if argv[:1] == ["train"] and "WORLD_SIZE" not in os.environ:  # --nproc N: re-launch under torchrun
-        from .distributed import launch, strip_nproc
+        from .launch import launch, strip_nproc
         try:
             nproc, rest = strip_nproc(argv)
         except ValueError as e:

@@ -17,7 +17,7 @@ import collections
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn

@@ -17,7 +17,7 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 
 ORDER = (
-    "io", "config",
+    "io", "config", "launch",
     "native", "nf4", "kernels.nf4_kernels", "kernels", "ops", "layers",
     "gguf_quants", "gguf_io", "safetensors_io",
     "recompute", "dora", "lora", "model", "generation", "loftq",

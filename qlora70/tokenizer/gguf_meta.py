@@ -4,7 +4,6 @@ tokenizer.model, a tokenizer.json, a directory holding one, or a qlora70 Tokeniz
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
