@@ -106,6 +106,10 @@ def cmd_eval(a) -> int:
         raise CLIError(f"--split applies to --task pubmedqa only (got --task {a.task})")
     _need_path(a.model, "--model")
     _need_path(a.data, "--data")
+    from .tasks import load_task
+
+    loader_kw = {"split": a.split} if a.split is not None else {}
+    load_task(a.task, a.data, **loader_kw)  # a bad data path or split fails here, before the model loads
     from .checkpoint import tokenizer_for
     from .evaluate import evaluate_task
 
@@ -113,7 +117,7 @@ def cmd_eval(a) -> int:
     tok = tokenizer_for(a.model, a.tokenizer)
     rep = evaluate_task(model, tok, a.task, a.data, mode=a.mode, limit=a.limit, seed=a.seed, k_shot=a.k_shot,
                         fewshot_data=a.fewshot_data, out_dir=a.out, batch_size=a.batch_size, max_length=a.max_length,
-                        prompt_format=a.prompt_format, **({"split": a.split} if a.split is not None else {}))
+                        prompt_format=a.prompt_format, **loader_kw)
     print(rep.to_markdown())
     return 0
 
