@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora70 import LlamaConfig
+from conftest import normal_init, tiny_llama
 from qlora70.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,19 +30,13 @@ def tiny_model(tmp_path_factory):
     """A random tiny Llama in HF format with a sentencepiece tokenizer.model beside it."""
     spm = pytest.importorskip("sentencepiece")
     from qlora70.checkpoint import save_hf
-    from qlora70.model import Llama
 
     d = tmp_path_factory.mktemp("tiny_hf")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=_sentences(), model_writer=buf, model_type="bpe",
                                    vocab_size=400, byte_fallback=True, character_coverage=0.999, unk_id=0, bos_id=1,
                                    eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    torch.manual_seed(0)
-    cfg = LlamaConfig.from_name("tiny", vocab_size=416, max_position_embeddings=512)
-    m = Llama(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05)
+    m = tiny_llama(0, init=normal_init(0.05), eval=False, vocab_size=416, max_position_embeddings=512)
     save_hf(m, d, dtype=torch.float32, progress=False)
     (d / "tokenizer.model").write_bytes(buf.getvalue())
     return d

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import normal_init, tiny_llama
 from qlora70 import gguf_io
 from qlora70.checkpoint import export_gguf, load_model
 from qlora70.recipe import smollm2_gguf
@@ -21,14 +22,8 @@ need_smol = pytest.mark.skipif(SMOL is None,
 
 
 def random_model(tie: bool, vocab: int = 101, seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, rope_theta=100000.0)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.2)
-    return m
+    return tiny_llama(seed, init=normal_init(0.2, 0.1), vocab_size=vocab, intermediate_size=128,
+                      tie_word_embeddings=tie, rope_theta=100000.0, max_position_embeddings=4096, name="custom")
 
 
 IDS = torch.tensor([[1, 5, 9, 30, 40, 77, 3]])
@@ -112,7 +107,7 @@ LLAMA2_SP = "/work/shared/data/llama2_tokenizer/tokenizer.model"  # used for che
 
 
 def test_export_tokenizer_from_sentencepiece_and_tokenizer_json(tmp_path):
-    tok_mod = pytest.importorskip("qlora70.tokenizer")
+    from qlora70 import tokenizer as tok_mod
     tokenizers = pytest.importorskip("tokenizers")
     text = "Hello world! The capital of France is Paris. 12345 naive cafe"
     sources = []
@@ -167,7 +162,7 @@ def test_big_endian_file_metadata_read_tensors_refused(tmp_path):
 @need_smol
 def test_smollm2_q4_1_generates_paris():
     from qlora70.generation import generate
-    tokenizer = pytest.importorskip("qlora70.tokenizer", reason="qlora70.tokenizer not available yet")
+    from qlora70 import tokenizer
     tok = tokenizer.load_tokenizer(SMOL)
     m = load_model(SMOL, quantize="nf4", progress=False)
     c = m.config

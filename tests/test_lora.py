@@ -9,25 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from qlora70 import ops
-from qlora70.config import LlamaConfig, LoRAConfig
+from qlora70.config import LoRAConfig
 from qlora70.layers import Linear4bit
 from qlora70.lora import (LoRALinear, get_lora_config, inject_lora, load_adapter, lora_modules, merge_lora,
                           save_adapter)
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 from qlora70.nf4 import quantize_nf4
 
 
 
 
 def tiny_llama(seed: int = 0, quantize: bool = False, **overrides) -> Llama:
-    torch.manual_seed(seed)
-    m = Llama(LlamaConfig.from_name("tiny", **overrides))
-    with torch.no_grad():  # nn.Embedding/Linear defaults are fine; make norms non-trivial so they matter
-        for n, p in m.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return quantize_model_(m) if quantize else m.eval()
+    """conftest's builder with norms that matter (nn.Embedding/Linear defaults are fine)."""
+    return conftest.tiny_llama(seed, quantize=quantize, init=conftest.uniform_norms, eval=not quantize, **overrides)
 
 
 def randomize_b(model: nn.Module, seed: int = 1) -> None:
