@@ -13,6 +13,14 @@ from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding): HF / PyTorch convention
+
+
+def pad_or_eos(pad_id: int | None, eos_id: int | None) -> int:
+    """The one pad-id default: the pad id, else EOS (Llama-2 has no pad token; padded labels are masked anyway), else
+    0. (Whether to prepend BOS has its one home too: `qlora70.data.resolve_add_bos`.)"""
+    return int(pad_id) if pad_id is not None else (int(eos_id) if eos_id is not None else 0)
+
+
 # gradient-checkpointing recompute policies (implemented in qlora70.recompute; "auto" resolves by device there)
 CHECKPOINT_POLICIES = ("auto", "full", "keep_base_outputs")
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import IGNORE_INDEX
+from .config import IGNORE_INDEX, pad_or_eos
 from .data import collate, resolve_add_bos
 from .io import atomic_write_json, atomic_write_text
 from .prompts import (DEFAULT_FORMAT, FORMATS, PromptFormat, _assemble, _Prompt, _sample_shots,  # noqa: F401
@@ -180,8 +180,7 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
         raise ValueError(f"k_shot={k_shot} needs a few-shot pool: pass fewshot_data (a dev split of the same task)")
     fmt = get_format(prompt_format or DEFAULT_FORMAT.get(data.task, "lm-eval-mcq"))
     bos = resolve_add_bos(tokenizer, add_bos)
-    pad_id = getattr(tokenizer, "pad_id", None)
-    pad_id = pad_id if pad_id is not None else (getattr(tokenizer, "eos_id", None) or 0)
+    pad_id = pad_or_eos(getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None))
     items = sample_items(data.items, limit, seed)
     t0 = time.perf_counter()
     prompts, requests, req_of = _build_requests(items, data.task, fmt, tokenizer, bos, mode, k_shot,

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .config import IGNORE_INDEX, LoRAConfig, TrainConfig
+from .config import IGNORE_INDEX, LoRAConfig, TrainConfig, pad_or_eos
 from .data import Batches, TokenizedData
 from .losses import chunked_cross_entropy
 from .lora import get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
@@ -68,7 +68,7 @@ def default_pad_id(model: nn.Module) -> int:
     """The pad id when none is given: the model config's pad_token_id, else its eos_token_id, else 0 (padded labels
     are masked, so any id works; the tokenizer's own `pad_id` is preferred by `qlora70.run`)."""
     c = getattr(model, "config", None)
-    return next((v for v in (getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None)) if v is not None), 0)
+    return pad_or_eos(getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
 
 
 class _ListLoader:

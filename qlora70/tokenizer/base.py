@@ -9,6 +9,8 @@ import re
 from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..config import pad_or_eos
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GGUF metadata
 
@@ -201,7 +203,7 @@ class Tokenizer:
         return ids
 
     def _finish_ids(self, pad_id: int | None) -> None:
-        self.pad_id = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.pad_id = pad_or_eos(pad_id, self.eos_id)
         self._special_rx = _alternation(self.added_tokens)
         self._nonspecial_rx = _alternation({t: i for t, i in self.added_tokens.items() if i not in self.special_ids})
 
