@@ -24,10 +24,21 @@ import os
 import sys
 import time
 
-import torch
-
 from qlora70.recipe import DATA_DIR, add_train_args, run_config_from_args, smollm2_gguf
-from qlora70.run import default_eval_specs, free_run_dir, run_experiment, say
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    """Validate every flag before torch or a model is loaded (a bad --lr fails in well under a second): against the
+    chosen preset, or, before the GPU check picks one, against either preset."""
+    presets = [a.preset] if a.preset else ["demo", "sm70"]
+    errors = []
+    for p in presets:
+        try:
+            run_config_from_args(argparse.Namespace(**{**vars(a), "preset": p}), a.out or f"runs/{p}")
+            return
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip all benchmark evaluation (validation loss still runs)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     a = ap.parse_args(argv)
+    check_flags(a)
+    import torch
+
+    from qlora70.run import default_eval_specs, free_run_dir, run_experiment, say
+
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # FSDP2 across processes: the children train and save the adapter; evaluation and merging run in one process
         from qlora70.distributed import launch, strip_nproc

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 # public name -> defining module
 _EXPORTS = {
     # config
-    "LlamaConfig": "config", "LoRAConfig": "config", "TrainConfig": "config",
+    "LlamaConfig": "config", "LoRAConfig": "config", "TrainConfig": "config", "RunConfig": "config",
+    "EvalConfig": "config",
     # NF4 reference + container
     "NF4Weight": "nf4", "quantize_nf4": "nf4", "dequantize_nf4": "nf4", "NF4_CODES": "nf4",
     # modules / ops
