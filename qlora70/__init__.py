@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 # public name -> defining module
 _EXPORTS = {
     # config
-    "LlamaConfig": "config", "LoRAConfig": "config", "TrainConfig": "config",
+    "LlamaConfig": "config", "LoRAConfig": "config", "TrainConfig": "config", "RunConfig": "config",
+    "EvalConfig": "config",
     # NF4 reference + container
     "NF4Weight": "nf4", "quantize_nf4": "nf4", "dequantize_nf4": "nf4", "NF4_CODES": "nf4",
     # modules / ops
@@ -25,7 +26,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "generate": "generation",
     # LoRA / training
     "LoRALinear": "lora", "inject_lora": "lora", "merge_lora": "lora",
-    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "lora",
+    "save_adapter": "lora", "load_adapter": "lora", "save_merged": "checkpoint",
     "set_gradient_checkpointing": "model", "PagedAdamW": "optim", "chunked_cross_entropy": "losses",
     "Trainer": "trainer",
     # data / evaluation

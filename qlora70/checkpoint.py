@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import struct
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -27,108 +26,18 @@ from torch import nn
 
 from . import gguf_io
 from .config import LlamaConfig
-from .io import atomic_dir, atomic_path, atomic_write_json
+from .io import atomic_dir, atomic_write_json, parse_size  # noqa: F401 (parse_size: public here since 0.1)
 from .layers import Linear4bit
 from .model import Llama, decoder_linears
+from .lora import load_adapter, lora_modules, merge_lora
 from .nf4 import QS_KEY, NF4Weight, quantize_nf4
+from .safetensors_io import SafetensorsFile, write_safetensors  # noqa: F401 (public here since 0.1)
+from .tokenizer import load_tokenizer, tokenizer_metadata
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NF4_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QS_KEY)
 _IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")
 _OUR_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
-
-
-# ---- safetensors: header-indexed reads, streaming atomic writes --------------------------------------------------
-class SafetensorsFile:
-    """A safetensors file's header, validated against the file size; `get(name)` reads one tensor (one pread)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path} is truncated ({size} bytes): no safetensors header; re-download or "
-                                 "re-save it")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > (512 << 20):
-                raise ValueError(f"{path} is truncated or not a safetensors file (header length {n}, file size "
-                                 f"{size}); re-download or re-save it")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + n
-        avail = size - self.data_start
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            dt = _ST_DTYPES.get(info.get("dtype"))
-            if dt is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            shape, (s, e) = tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            need = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            if e - s != need:
-                raise ValueError(f"{path}: tensor {name!r} spans {e - s} bytes but shape {shape} {info['dtype']} needs "
-                                 f"{need}; the file is corrupt")
-            if e > avail:
-                raise ValueError(f"{path} is truncated: tensor {name!r} needs bytes [{s}, {e}) of the data section "
-                                 f"but only {avail} are present; re-download or re-save the file")
-            self.entries[name] = (dt, shape, s, e)
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def get(self, name: str) -> torch.Tensor:
-        dt, shape, s, e = self.entries[name]
-        raw = gguf_io.read_bytes(self.path, self.data_start + s, e - s, what=f"tensor {name!r}")
-        return raw.view(dt).reshape(shape)
-
-
-def _to_bytes_view(t: torch.Tensor):
-    t = t.detach().contiguous().cpu().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else b""
-
-
-def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write tensors one at a time: specs = [(name, shape, dtype, produce)], `produce()` returns the tensor.
-    Atomic (`qlora70.io.atomic_path`)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    off = 0
-    for name, shape, dtype, _ in specs:
-        nb = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nb]}
-        off += nb
-    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    hb += b" " * (-len(hb) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)) + hb)
-        for name, shape, dtype, produce in specs:
-            t = produce()
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise ValueError(f"write_safetensors: {name} produced {tuple(t.shape)} {t.dtype}, planned "
-                                 f"{tuple(shape)} {dtype}")
-            f.write(_to_bytes_view(t))
-
-
-def parse_size(size: int | str) -> int:
-    """5_000_000_000, "5GB" (10^9), "500MiB" (2^20) -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size must be an int or like '5GB' / '500MiB', got {size!r}")
-    unit = (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
 
 
 @contextmanager
@@ -433,6 +342,36 @@ def _materialize(config: LlamaConfig, src: Any, quantize: str | None, blocksize:
     return model
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a CUDA device is available, else "cpu"; a CUDA device that is not there is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def load_pretrained(path: str, adapter: str | None = None, quantize: str | None = "nf4",
+                    dtype: torch.dtype = torch.float32, device: str = "auto", progress: bool = True) -> Llama:
+    """`load_model` onto `resolve_device(device)`, plus a PEFT adapter (`qlora70.lora.load_adapter`) when given;
+    in eval mode (what the commands that do not train use)."""
+    m = load_model(path, quantize=quantize, dtype=dtype, device=resolve_device(device), progress=progress)
+    if adapter:
+        load_adapter(m, adapter)
+    return m.eval()
+
+
+def tokenizer_for(model: str, tokenizer: str | None = None) -> Any:
+    """The tokenizer of a run: `tokenizer` when given (a file or directory), else the one in the model's GGUF or
+    directory (a model file other than .gguf: its directory)."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    path = model
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        path = os.path.dirname(path)
+    return load_tokenizer(path)
+
+
 # ---- saving ---------------------------------------------------------------------------------------------------------
 def _layer_modules(model: Llama) -> Iterator[tuple[str, nn.Module, str]]:
     """(HF parameter name, module, kind) in HF order; kind is "linear" for the decoder linears, else "param"."""
@@ -522,10 +461,37 @@ def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qt
     if tokenizer is None and src and (src.endswith(".gguf") or any(
             os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.model", "tokenizer.json"))):
         tokenizer = src
-    tok_md = gguf_io.tokenizer_metadata(tokenizer) if tokenizer is not None else None
+    tok_md = tokenizer_metadata(tokenizer) if tokenizer is not None else None
     specs = []
     for name, mod, kind in _layer_modules(model):
         shape, produce = _dense(name, mod, kind)
         specs.append((name, shape, produce))
     return gguf_io.write_gguf(path, model.config, specs, qtype=qtype, tokenizer_md=tok_md,
                               name=str(model.config.name), progress=progress)
+
+
+def save_merged(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                format: str = "hf", gguf_type: str = "f16", inplace: bool = False, **kwargs: Any) -> str:
+    """Merge the adapter and write a deployable checkpoint: `format` "hf" (standard HF Llama safetensors in `dtype`),
+    "bnb4" (re-quantized NF4 in the bitsandbytes layout; explicit) or "gguf" (`out_dir` is then the .gguf file path,
+    `gguf_type` "f16" | "q8_0"; pass `tokenizer=` for the vocabulary).
+
+    Without `inplace` the model is deep-copied first (the caller's adapter model stays usable); with `inplace=True`
+    no copy is made (needed for models that fill the memory). Extra kwargs go to the checkpoint writer. Returns the
+    path written (a directory, or the .gguf file).
+    """
+    import copy
+
+    formats = ("hf", "bnb4", "gguf")
+    if format not in formats:
+        raise ValueError(f"save_merged: format must be one of {formats}, got {format!r}")
+    if not any(True for _ in lora_modules(model)):
+        raise ValueError("save_merged: the model has no LoRA layers; use qlora70.checkpoint.save_hf for a plain model")
+    m = model if inplace else copy.deepcopy(model)
+    if format == "bnb4":
+        merge_lora(m, dtype=dtype, requantize=True)
+        return save_quantized(m, out_dir, **kwargs)
+    merge_lora(m, dtype=dtype)
+    if format == "gguf":
+        return export_gguf(m, out_dir, qtype=gguf_type, **kwargs)
+    return save_hf(m, out_dir, dtype=dtype, **kwargs)

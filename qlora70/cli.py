@@ -1,6 +1,9 @@
 """The `qlora70` command: train, eval, quantize, merge, generate, export-gguf, plan.
 
-Errors are one clear line on stderr and a non-zero exit (add `--debug` for the traceback).
+Each command is a pair: `add_<cmd>_parser(sub)` (its flags and examples) and `cmd_<cmd>(args)` (what it does).
+Errors are one clear line on stderr and a non-zero exit (add `--debug` for the traceback). Heavy modules (torch,
+the loaders) are imported inside the commands, after the flags are validated, so a bad flag fails in well under a
+second.
 """
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ import os
 import sys
 import textwrap
 
+from .recipe import add_model_args, add_train_args, check_out_dir, run_config_from_args
+
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CLIError(Exception):
@@ -24,189 +30,121 @@ def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-def _load(model: str, adapter: str | None, quantize: str | None, dtype: str = "float32", device: str = "auto"):
-    import torch
-
-    from .checkpoint import load_model
-    dev = _device(device)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    m = load_model(model, quantize=quantize, dtype=dt, device=dev)
-    if adapter:
-        from .lora import load_adapter
-        load_adapter(m, adapter)
-    m.eval()
-    return m
-
-
-def _device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return device
-
-
-def _tokenizer_for(model: str, tokenizer: str | None):
-    from .tokenizer import load_tokenizer
-    path = tokenizer or model
-    if os.path.isfile(path) and not path.endswith(".gguf"):
-        path = os.path.dirname(path)
-    return load_tokenizer(path)
-
-
 def _need_path(p: str, what: str) -> None:
     if not os.path.exists(p):
         raise CLIError(f"{what} {p!r} does not exist")
 
 
-# ---- plan ------------------------------------------------------------------------------------------------------
-def cmd_plan(a) -> int:
-    from .config import LlamaConfig
-    from .planner import GiB, plan_memory
-    if os.path.exists(a.model):
-        cfg = LlamaConfig.from_hf(a.model)
-    else:
-        try:
-            cfg = LlamaConfig.from_name(a.model)
-        except ValueError as e:
-            raise CLIError(f"--model {a.model!r}: not a file/directory and {e}") from None
-    p = plan_memory(cfg, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
-                    double_quant=not a.no_double_quant, gradient_checkpointing=not a.no_gradient_checkpointing,
-                    offload_checkpoints=a.offload, optim_bits=a.optim_bits, paged=not a.no_paged,
-                    gpu_memory=a.gpu_memory)
-    print(f"model {cfg.name}: {cfg.num_params() / 1e9:.2f}B params; seq {a.seq_len}, micro-batch {a.micro_batch_size}, "
-          f"LoRA r={a.lora_r}")
-    print(p.table())
-    if a.json:
-        from .io import atomic_write_json
-        atomic_write_json(a.json, p.to_dict(), default=str)
-    if p.fits is False:
-        print(f"does not fit: predicted {p.total / GiB:.1f} GiB > {p.gpu_memory / GiB:.1f} GiB. Try "
-              f"--micro-batch-size {max(1, p.max_micro_batch or 1)}, --offload, --optim-bits 8", file=sys.stderr)
-        return 3
+def _load(a: argparse.Namespace, adapter: str | None, quantize: str | None, device: str | None = None):
+    """The model named by --model (+ adapter) through `qlora70.checkpoint.load_pretrained`."""
+    from .checkpoint import load_pretrained
+
+    return load_pretrained(a.model, adapter, quantize=quantize, device=device or a.device)
+
+
+def _command(sub, name: str, fn, help_: str, examples: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_, epilog=_examples(examples), formatter_class=_formatter)
+    p.set_defaults(fn=fn)
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return p
+
+
+# ---- train -----------------------------------------------------------------------------------------------------
+def add_train_parser(sub) -> None:
+    p = _command(sub, "train", cmd_train, "QLoRA-train a Llama model on medical QA data (writes a PEFT adapter)", """
+        qlora70 train --model ./Llama-2-7b-hf --data data/medical_meadow --out runs/7b --max-steps 200
+        qlora70 train --model llama.gguf --data train.jsonl --out runs/x --epochs 5 --batch-size 32 --lr 2e-4
+        qlora70 train --model ./Llama-2-7b-hf --data meadow/ --out runs/x --eval medqa,pubmedqa   # or --eval none
+        qlora70 train --model ./Llama-2-70b-hf --data meadow/ --out runs/sm70 --resume""")
+    add_train_args(p)
+
+
+def cmd_train(a) -> int:
+    if not a.data:
+        raise CLIError("no training data: pass --data PATH (repeatable; a JSON/JSONL file or a directory)")
+    if not a.out:
+        raise CLIError("no run directory: pass --out DIR")
+    cfg = run_config_from_args(a, a.out)  # every value validated before anything is loaded
+    for p in a.data:
+        _need_path(p, "--data")
+    from .run import train_from_args
+
+    train_from_args(cfg, a.data, a.resume)
+    return 0
+
+
+# ---- eval ------------------------------------------------------------------------------------------------------
+def add_eval_parser(sub) -> None:
+    p = _command(sub, "eval", cmd_eval, "Evaluate a model (optionally with an adapter) on MedQA / PubMedQA / USMLE / MCQ",
+                 """
+        qlora70 eval --model ./Llama-2-7b-hf --task medqa --data data/medqa/US_4options_test_200.jsonl --limit 100
+        qlora70 eval --model m.gguf --adapter runs/x --task pubmedqa --data data/pubmedqa --out rep/
+        qlora70 eval --model m.gguf --task pubmedqa --data data/pubmedqa --split all   # all 1,000 labelled, on purpose
+        qlora70 eval --model m.gguf --task usmle --data data/usmle""")
+    add_model_args(p)
+    p.add_argument("--adapter", help="PEFT adapter directory to apply")
+    p.add_argument("--task", required=True, choices=["medqa", "pubmedqa", "usmle", "mcq"])
+    p.add_argument("--data", required=True, help="the task's native file or directory")
+    p.add_argument("--split", help="PubMedQA: a split file whose PMIDs to score, or `all` to score every labelled "
+                   "item of ori_pqal.json (training, dev and test mixed); default: the test split named by "
+                   "test_ground_truth.json beside ori_pqal.json (required for a directory)")
+    p.add_argument("--mode", default="letter", choices=["letter", "option", "option_norm", "generate"],
+                   help="letter log-likelihood (lm-eval), full-option log-likelihood, or generation (medAlpaca)")
+    p.add_argument("--limit", type=int, help="score a seeded random sample of N items (never the first N)")
+    p.add_argument("--k-shot", type=int, default=0)
+    p.add_argument("--fewshot-data", help="dev split for k-shot examples")
+    p.add_argument("--prompt-format", help="named prompt format (default: lm-eval's for the task)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--out", help="write eval_<task>.json/.md and per-item predictions here (a directory)")
+    p.add_argument("--no-quantize", action="store_true", help="evaluate the full-precision weights")
+
+
+def cmd_eval(a) -> int:
+    check_out_dir(a.out)
+    if a.split is not None and a.task != "pubmedqa":
+        raise CLIError(f"--split applies to --task pubmedqa only (got --task {a.task})")
+    _need_path(a.model, "--model")
+    _need_path(a.data, "--data")
+    from .tasks import load_task
+
+    loader_kw = {"split": a.split} if a.split is not None else {}
+    load_task(a.task, a.data, **loader_kw)  # a bad data path or split fails here, before the model loads
+    from .checkpoint import tokenizer_for
+    from .evaluate import evaluate_task
+
+    model = _load(a, a.adapter, None if a.no_quantize else "nf4")
+    tok = tokenizer_for(a.model, a.tokenizer)
+    rep = evaluate_task(model, tok, a.task, a.data, mode=a.mode, limit=a.limit, seed=a.seed, k_shot=a.k_shot,
+                        fewshot_data=a.fewshot_data, out_dir=a.out, batch_size=a.batch_size, max_length=a.max_length,
+                        prompt_format=a.prompt_format, **loader_kw)
+    print(rep.to_markdown())
     return 0
 
 
 # ---- quantize --------------------------------------------------------------------------------------------------
-def cmd_quantize(a) -> int:
-    from .checkpoint import save_quantized
-    _need_path(a.model, "--model")
-    m = _load(a.model, None, "nf4", device=a.device)
-    save_quantized(m, a.out)
-    print(f"wrote NF4{'+DQ' if True else ''} checkpoint to {a.out} (bitsandbytes layout; transformers loads it)")
-    return 0
-
-
-# ---- generate --------------------------------------------------------------------------------------------------
-def cmd_generate(a) -> int:
-    from .generation import generate
-    _need_path(a.model, "--model")
-    m = _load(a.model, a.adapter, None if a.no_quantize else "nf4", device=a.device)
-    tok = _tokenizer_for(a.model, a.tokenizer)
-    prompt = a.prompt
-    if a.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    out = generate(m, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                   stop=a.stop, seed=a.seed)
-    print(out)
-    return 0
-
-
-# ---- merge -----------------------------------------------------------------------------------------------------
-def cmd_merge(a) -> int:
-    from .lora import save_merged
-    _need_path(a.model, "--model")
-    _need_path(a.adapter, "--adapter")
-    m = _load(a.model, a.adapter, None if a.from_full_precision else "nf4", device=a.device)
-    save_merged(m, a.out, format="bnb4" if a.quantize else "hf", inplace=True)
-    print(f"wrote merged checkpoint to {a.out}" + (" (re-quantized to NF4)" if a.quantize else ""))
-    return 0
-
-
-# ---- export-gguf -----------------------------------------------------------------------------------------------
-def cmd_export_gguf(a) -> int:
-    from .checkpoint import export_gguf
-    from .lora import merge_lora
-    _need_path(a.model, "--model")
-    m = _load(a.model, a.adapter, None, device="cpu")
-    if a.adapter:
-        merge_lora(m)
-    tok = None
-    try:
-        tok = _tokenizer_for(a.model, a.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
-    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype)
-    print(f"wrote {a.out} ({a.qtype})")
-    return 0
-
-
-# ---- eval / train (thin wrappers over qlora70.recipe) ---------------------------------------------------------
-def cmd_eval(a) -> int:
-    from .recipe import run_eval
-    _need_path(a.model, "--model")
-    _need_path(a.data, "--data")
-    report = run_eval(a)
-    print(report)
-    return 0
-
-
-def cmd_train(a) -> int:
-    from .recipe import run_train
-    for p in a.data:
-        _need_path(p, "--data")
-    run_train(a)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qlora70", formatter_class=_formatter,
-                                 description="QLoRA for Llama-2: NF4+DQ, LoRA, medical QA evaluation.",
-                                 epilog="run `qlora70 COMMAND --help` for each command's options and examples")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name, fn, help_, examples):
-        p = sub.add_parser(name, help=help_, description=help_, epilog=_examples(examples), formatter_class=_formatter)
-        p.set_defaults(fn=fn)
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        return p
-
-    # train
-    from .recipe import add_train_args, add_eval_args  # argument definitions live with the recipe
-    p = add("train", cmd_train, "QLoRA-train a Llama model on medical QA data (writes a PEFT adapter)", """
-        qlora70 train --model ./Llama-2-7b-hf --data data/medical_meadow --out runs/7b --max-steps 200
-        qlora70 train --model llama.gguf --data train.jsonl --out runs/x --epochs 5 --batch-size 32 --lr 2e-4
-        qlora70 train --model ./Llama-2-70b-hf --data meadow/ --out runs/sm70 --resume""")
-    add_train_args(p)
-
-    p = add("eval", cmd_eval, "Evaluate a model (optionally with an adapter) on MedQA / PubMedQA / USMLE / MCQ", """
-        qlora70 eval --model ./Llama-2-7b-hf --task medqa --data data/medqa/US_4options_test_200.jsonl --limit 100
-        qlora70 eval --model m.gguf --adapter runs/x --task pubmedqa --data data/pubmedqa/ori_pqal.json --out rep/
-        qlora70 eval --model m.gguf --task usmle --data data/usmle""")
-    add_eval_args(p)
-
-    p = add("quantize", cmd_quantize, "Quantize an HF/GGUF Llama to NF4+DQ in the bitsandbytes checkpoint layout", """
+def add_quantize_parser(sub) -> None:
+    p = _command(sub, "quantize", cmd_quantize, "Quantize an HF/GGUF Llama to NF4+DQ in the bitsandbytes checkpoint "
+                 "layout", """
         qlora70 quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4""")
     p.add_argument("--model", required=True, help="HF directory or .gguf file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="auto")
 
-    p = add("merge", cmd_merge, "Merge a LoRA adapter into the base and save a standard HF checkpoint", """
-        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged
-        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged-nf4 --quantize""")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--quantize", action="store_true", help="re-quantize the merged weights to NF4 (explicit only)")
-    p.add_argument("--from-full-precision", action="store_true",
-                   help="merge into the full-precision base weights instead of the NF4-dequantized ones")
-    p.add_argument("--device", default="cpu")
 
-    p = add("generate", cmd_generate, "Generate text from a prompt", """
+def cmd_quantize(a) -> int:
+    from .checkpoint import save_quantized
+
+    check_out_dir(a.out)
+    _need_path(a.model, "--model")
+    save_quantized(_load(a, None, "nf4"), a.out)
+    print(f"wrote NF4+DQ checkpoint to {a.out} (bitsandbytes layout; transformers loads it)")
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+def add_generate_parser(sub) -> None:
+    p = _command(sub, "generate", cmd_generate, "Generate text from a prompt", """
         qlora70 generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "The capital of France is"
         qlora70 generate --model ./Llama-2-7b-hf --adapter runs/7b --chat --prompt "What causes gout?" """)
     p.add_argument("--model", required=True)
@@ -222,7 +160,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quantize", action="store_true", help="keep the weights in full precision")
     p.add_argument("--device", default="auto")
 
-    p = add("export-gguf", cmd_export_gguf, "Export a (merged) model as a llama.cpp GGUF file", """
+
+def cmd_generate(a) -> int:
+    from .checkpoint import tokenizer_for
+    from .generation import generate
+
+    _need_path(a.model, "--model")
+    m = _load(a, a.adapter, None if a.no_quantize else "nf4")
+    tok = tokenizer_for(a.model, a.tokenizer)
+    prompt = a.prompt
+    if a.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    print(generate(m, tok, prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                   stop=a.stop, seed=a.seed))
+    return 0
+
+
+# ---- merge -----------------------------------------------------------------------------------------------------
+def add_merge_parser(sub) -> None:
+    p = _command(sub, "merge", cmd_merge, "Merge a LoRA adapter into the base and save a standard HF checkpoint", """
+        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged
+        qlora70 merge --model ./Llama-2-7b-hf --adapter runs/7b --out ./merged-nf4 --quantize""")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quantize", action="store_true", help="re-quantize the merged weights to NF4 (explicit only)")
+    p.add_argument("--from-full-precision", action="store_true",
+                   help="merge into the full-precision base weights instead of the NF4-dequantized ones")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_merge(a) -> int:
+    from .checkpoint import save_merged
+
+    check_out_dir(a.out)
+    _need_path(a.model, "--model")
+    _need_path(a.adapter, "--adapter")
+    m = _load(a, a.adapter, None if a.from_full_precision else "nf4")
+    save_merged(m, a.out, format="bnb4" if a.quantize else "hf", inplace=True)
+    print(f"wrote merged checkpoint to {a.out}" + (" (re-quantized to NF4)" if a.quantize else ""))
+    return 0
+
+
+# ---- export-gguf -----------------------------------------------------------------------------------------------
+def add_export_gguf_parser(sub) -> None:
+    p = _command(sub, "export-gguf", cmd_export_gguf, "Export a (merged) model as a llama.cpp GGUF file", """
         qlora70 export-gguf --model ./Llama-2-7b-hf --adapter runs/7b --out model-f16.gguf
         qlora70 export-gguf --model ./merged --out model-q8.gguf --qtype Q8_0""")
     p.add_argument("--model", required=True)
@@ -231,7 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--qtype", choices=["F16", "Q8_0", "F32"], default="F16")
 
-    p = add("plan", cmd_plan, "Predict peak GPU memory of a QLoRA run and whether it fits", """
+
+def cmd_export_gguf(a) -> int:
+    from .checkpoint import export_gguf, tokenizer_for
+    from .lora import merge_lora
+
+    _need_path(a.model, "--model")
+    m = _load(a, a.adapter, None, device="cpu")
+    if a.adapter:
+        merge_lora(m)
+    tok = None
+    try:
+        tok = tokenizer_for(a.model, a.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
+    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype)
+    print(f"wrote {a.out} ({a.qtype})")
+    return 0
+
+
+# ---- plan ------------------------------------------------------------------------------------------------------
+def add_plan_parser(sub) -> None:
+    p = _command(sub, "plan", cmd_plan, "Predict peak GPU memory of a QLoRA run and whether it fits", """
         qlora70 plan --model llama2-70b --seq-len 1024 --micro-batch-size 1 --gpu-memory 80GiB
         qlora70 plan --model ./Llama-2-13b-hf/config.json --micro-batch-size 4 --gpu-memory 24GiB --offload""")
     p.add_argument("--model", required=True, help="a named size (llama2-7b/13b/70b) or an HF config.json / directory")
@@ -245,6 +248,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--json", help="also write the plan as JSON here")
+
+
+def cmd_plan(a) -> int:
+    from .config import LlamaConfig
+    from .io import atomic_write_json
+    from .planner import GiB, plan_memory
+
+    if os.path.exists(a.model):
+        cfg = LlamaConfig.from_hf(a.model)
+    else:
+        try:
+            cfg = LlamaConfig.from_name(a.model)
+        except ValueError as e:
+            raise CLIError(f"--model {a.model!r}: not a file/directory and {e}") from None
+    p = plan_memory(cfg, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
+                    double_quant=not a.no_double_quant, gradient_checkpointing=not a.no_gradient_checkpointing,
+                    offload_checkpoints=a.offload, optim_bits=a.optim_bits, paged=not a.no_paged,
+                    gpu_memory=a.gpu_memory)
+    print(f"model {cfg.name}: {cfg.num_params() / 1e9:.2f}B params; seq {a.seq_len}, micro-batch {a.micro_batch_size}, "
+          f"LoRA r={a.lora_r}")
+    print(p.table())
+    if a.json:
+        atomic_write_json(a.json, p.to_dict(), default=str)
+    if p.fits is False:
+        print(f"does not fit: predicted {p.total / GiB:.1f} GiB > {p.gpu_memory / GiB:.1f} GiB. Try "
+              f"--micro-batch-size {max(1, p.max_micro_batch or 1)}, --offload, --optim-bits 8", file=sys.stderr)
+        return 3
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qlora70", formatter_class=_formatter,
+                                 description="QLoRA for Llama-2: NF4+DQ, LoRA, medical QA evaluation.",
+                                 epilog="run `qlora70 COMMAND --help` for each command's options and examples")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (add_train_parser, add_eval_parser, add_quantize_parser, add_merge_parser, add_generate_parser,
+                add_export_gguf_parser, add_plan_parser):
+        add(sub)
     return ap
 
 
@@ -252,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     if argv[:1] == ["train"] and "WORLD_SIZE" not in os.environ:  # --nproc N: re-launch under torchrun
-        from .distributed import launch, strip_nproc
+        from .launch import launch, strip_nproc
         try:
             nproc, rest = strip_nproc(argv)
         except ValueError as e:
@@ -276,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, (CLIError,)):
+        if isinstance(e, CLIError):
             print(f"qlora70: error: {msg}", file=sys.stderr)
         else:
             print(f"qlora70: error: {type(e).__name__}: {msg}", file=sys.stderr)

@@ -12,6 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding): HF / PyTorch convention
+
+
+def pad_or_eos(pad_id: int | None, eos_id: int | None) -> int:
+    """The one pad-id default: the pad id, else EOS (Llama-2 has no pad token; padded labels are masked anyway), else
+    0. (Whether to prepend BOS has its one home too: `qlora70.data.resolve_add_bos`.)"""
+    return int(pad_id) if pad_id is not None else (int(eos_id) if eos_id is not None else 0)
+
+
+# gradient-checkpointing recompute policies (implemented in qlora70.recompute; "auto" resolves by device there)
+CHECKPOINT_POLICIES = ("auto", "full", "keep_base_outputs")
 
 
 @dataclass
@@ -261,8 +272,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.early_stopping_patience needs a validation split (val_fraction or val_size)")
         if self.optim_bits not in (8, 32):
             raise ValueError(f"TrainConfig.optim_bits must be 32 or 8, got {self.optim_bits!r}")
-        if self.checkpoint_policy not in ("auto", "full", "keep_base_outputs"):
-            raise ValueError(f"TrainConfig.checkpoint_policy must be 'auto', 'full' or 'keep_base_outputs', got "
+        if self.checkpoint_policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"TrainConfig.checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got "
                              f"{self.checkpoint_policy!r}")
         if self.compute_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.compute_dtype must be 'auto', 'bf16' or 'fp32', got {self.compute_dtype!r}")
@@ -277,3 +288,87 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+
+# ---- one experiment: model + LoRA + training + template + evaluation -----------------------------------------------
+TEMPLATE_NAMES = ("sm70", "medalpaca")  # the training templates of qlora70.data.templates (a test keeps them equal)
+EVAL_TASKS = ("medqa", "pubmedqa", "usmle")  # the shipped held-out benchmarks a run can evaluate
+
+
+def parse_eval_tasks(spec: str | None) -> tuple[str, ...] | None:
+    """`--eval`: None (the preset's default set), "none" (no benchmark), or a comma list of `EVAL_TASKS`."""
+    if spec is None:
+        return None
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in EVAL_TASKS]
+    if bad or not names:
+        raise ValueError(f"--eval {spec!r}: choose a comma list of {', '.join(EVAL_TASKS)}, or none")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class EvalConfig:
+    """Benchmarks around a training run: `tasks` (None = the preset's default set, () = none), a seeded sample of
+    `limit` items per task (None = all), and whether to evaluate at each epoch end (the SM70 protocol)."""
+
+    tasks: tuple[str, ...] | None = None
+    limit: int | None = None
+    each_epoch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            self.tasks = tuple(self.tasks)
+            bad = [t for t in self.tasks if t not in EVAL_TASKS]
+            if bad:
+                raise ValueError(f"EvalConfig.tasks: unknown task(s) {bad}; choose from {EVAL_TASKS}")
+        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
+                                       or self.limit < 1):
+            raise ValueError(f"EvalConfig.limit (--eval-limit) must be an int >= 1, got {self.limit!r}")
+
+
+@dataclass
+class RunConfig:
+    """One experiment (`qlora70.run.run_experiment`): model source, LoRA, training loop, template, validation split
+    and evaluation. The recipe presets (`qlora70.recipe.PRESETS`) are RunConfig values; command-line flags replace
+    fields. Every field is validated here, before anything is loaded. `val_size`: held-out entries (a whole number
+    >= 1) or a fraction (< 1) of the training data; a fraction that rounds to 0 entries still holds out one."""
+
+    preset: str = "sm70"
+    model: str | None = None
+    tokenizer: str | None = None
+    device: str = "auto"
+    template: str = "sm70"
+    val_size: float = 0.0
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATE_NAMES:
+            raise ValueError(f"RunConfig.template (--template) must be one of {TEMPLATE_NAMES}, got {self.template!r}")
+        v = self.val_size
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or (v >= 1 and v != int(v)):
+            raise ValueError(f"RunConfig.val_size (--val-size) must be a whole number of entries (>= 1), a fraction "
+                             f"in [0, 1), or 0 for none; got {v!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or (self.device.startswith("cuda:")
+                                                                   and self.device[5:].isdigit())):
+            raise ValueError(f"RunConfig.device (--device) must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name, typ in (("lora", LoRAConfig), ("train", TrainConfig), ("eval", EvalConfig)):
+            if not isinstance(getattr(self, name), typ):
+                raise TypeError(f"RunConfig.{name} must be a {typ.__name__}, got {type(getattr(self, name)).__name__}")
+
+    def flat(self) -> dict[str, Any]:
+        """The flat settings record saved as `run` in run_config.json (the key names of the command line)."""
+        t, lo = self.train, self.lora
+        return {"preset": self.preset, "model": self.model, "tokenizer": self.tokenizer, "device": self.device,
+                "seq_len": t.seq_len, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
+                "epochs": t.epochs, "max_steps": t.max_steps, "lr": t.lr, "lora_r": lo.r, "lora_alpha": lo.alpha,
+                "lora_dropout": lo.dropout, "warmup_ratio": t.warmup_ratio, "lr_schedule": t.lr_schedule,
+                "max_grad_norm": t.max_grad_norm, "paged": t.paged, "optim_bits": t.optim_bits,
+                "gradient_checkpointing": t.gradient_checkpointing, "offload": t.offload,
+                "eval_each_epoch": self.eval.each_epoch, "eval_limit": self.eval.limit,
+                "eval": None if self.eval.tasks is None else list(self.eval.tasks), "val_size": self.val_size,
+                "save_every": t.save_every, "eval_every": t.eval_every, "template": self.template,
+                "early_stopping": t.early_stopping_patience, "seed": t.seed}

@@ -28,27 +28,24 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import math
 import os
-import sys
-import time
-import types
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import LoRAConfig, TrainConfig
+from .config import IGNORE_INDEX, LoRAConfig, TrainConfig
 from .layers import Linear4bit
-from .losses import IGNORE_INDEX
+from .data import Batches, TokenizedData
 from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, get_lora_config, inject_lora, lora_modules, read_adapter_config,
                    write_adapter)
 from .optim import PagedAdamW
-from .trainer import Trainer, lr_factor
+from .launch import launch, strip_nproc  # noqa: F401 (public here)
+from .train_state import base_checksum
+from .trainer import Trainer
 
 log = logging.getLogger("qlora70.distributed")
 
@@ -161,7 +158,7 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, shard_q
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise TypeError(f"shard_model expects a qlora70 Llama (model.model.layers), got {type(model).__name__}")
     if any(True for _ in lora_modules(model)):  # Trainer's base-weight fingerprint, taken while still unsharded
-        model._qlora70_base_checksum = Trainer._base_checksum(types.SimpleNamespace(model=model))
+        model._qlora70_base_checksum = base_checksum(model)
     if shard_quant_state:
         _quant_state_to_params(model)
     if mesh is None:
@@ -396,8 +393,7 @@ class DistributedTrainer(Trainer):
                  lora_config: LoRAConfig | None = None, **kw: Any):
         from torch.distributed.fsdp import FSDPModule
 
-        sharded = isinstance(model, FSDPModule)
-        if sharded and not hasattr(model, "_qlora70_base_checksum"):
+        if isinstance(model, FSDPModule) and not hasattr(model, "_qlora70_base_checksum"):
             raise ValueError("DistributedTrainer: the model was sharded without qlora70.distributed.shard_model (after "
                              "LoRA injection); pass the unsharded model or use build_sharded / shard_model")
         info = dist_info()
@@ -405,37 +401,30 @@ class DistributedTrainer(Trainer):
         if cfg.batch_size % (cfg.micro_batch_size * self.world_size):
             raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} (global) must be a multiple of "
                              f"micro_batch_size={cfg.micro_batch_size} x world_size={self.world_size}")
-        if not any(True for _ in lora_modules(model)):
-            if lora_config is None:
-                raise ValueError("DistributedTrainer: the model has no LoRA layers; pass lora_config=LoRAConfig(...)")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                inject_lora(model, lora_config)
-        if not sharded and dist.is_available() and dist.is_initialized():
-            shard_model(model)  # (a plain process without a group trains unsharded, exactly as Trainer)
-        # the unsharded base's checksum (recorded by shard_model): checkpoints resume across world sizes
-        self._checksum = getattr(model, "_qlora70_base_checksum", None) or \
-            Trainer._base_checksum(types.SimpleNamespace(model=model))
         self._gathered: dict | None = None
         if self.rank != 0 and cfg.progress:
             cfg = dataclasses.replace(cfg, progress=False)  # one progress bar (rank 0)
         super().__init__(model, cfg, train_data, val_data, lora_config=lora_config, **kw)
-        self.optimizer = ShardedOptimizer([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas,
-                                          eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                          optim_bits=cfg.optim_bits, paged=cfg.paged)
-        self.accum = cfg.batch_size // (cfg.micro_batch_size * self.world_size)
-        self.steps_per_epoch = max(1, -(-len(self.train_loader) // self.accum))
-        self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    # ---- Trainer hooks: set-up -------------------------------------------------------------------------------------
+    def _prepare_model(self, model: nn.Module) -> None:
+        """Shard the LoRA-injected model (when a process group exists; a plain process trains unsharded, exactly as
+        Trainer). `shard_model` records the unsharded base checksum, so checkpoints resume across world sizes."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule) and dist.is_available() and dist.is_initialized():
+            shard_model(model)
+
+    def _accum_steps(self) -> int:
+        return self.cfg.batch_size // (self.cfg.micro_batch_size * self.world_size)
+
+    def _make_optimizer(self, params: list[torch.Tensor]) -> "ShardedOptimizer":
+        cfg = self.cfg
+        return ShardedOptimizer(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
 
     # ---- data: deal global batches to ranks --------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):
-        from .data import Batches, TokenizedData
-
         cfg = self.cfg
         if not isinstance(train_data, TokenizedData):
             raise TypeError("DistributedTrainer: train_data must be a TokenizedData (its global batches are dealt "
@@ -462,7 +451,7 @@ class DistributedTrainer(Trainer):
             raise ValueError("DistributedTrainer: early_stopping_patience needs validation data")
         return train_loader, val_loader
 
-    # ---- collectives ---------------------------------------------------------------------------------------------
+    # ---- Trainer hooks: global sums and the global gradient norm ---------------------------------------------------
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if self.world_size > 1:
@@ -471,42 +460,18 @@ class DistributedTrainer(Trainer):
             dist.all_reduce(t)
         return t.cpu().tolist()
 
-    # ---- one optimizer step ------------------------------------------------------------------------------------
-    def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        n_lab, n_tok = (int(v) for v in self._all_sum([sum(self._n_labelled(b) for b in window),
-                                                       sum(self._n_tokens(b) for b in window)]))
-        lr = cfg.lr * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_schedule)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for b in window:  # every rank runs the same number of micro-batches (FSDP collectives line up)
-            s, _ = self._forward_loss(b)
-            if n_lab:
-                (s / n_lab).backward()
-            loss_sum += float(s.detach())
-        loss_sum = self._all_sum([loss_sum])[0]
-        if not np.isfinite(loss_sum):
-            self._fail(f"loss is {loss_sum} in step {self.step + 1}")
-        grad_norm = None
-        if n_lab:
-            locs = [_local(p.grad) for _, p in self.params if p.grad is not None]
-            sq = float(sum(float(g.float().pow(2).sum()) for g in locs))
-            grad_norm = float(np.sqrt(self._all_sum([sq])[0]))
-            if not np.isfinite(grad_norm):
-                self._fail(f"gradient norm is {grad_norm} at step {self.step + 1}")
-            if cfg.max_grad_norm:  # as torch.nn.utils.clip_grad_norm_
-                coef = min(1.0, cfg.max_grad_norm / (grad_norm + 1e-6))
-                if coef < 1.0:
-                    for g in locs:
-                        g.mul_(coef)
-            self._in_update = True
-            self.optimizer.step()
-        else:
-            log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
-        return self._close_step(window, t0, lr, loss_sum, n_lab, n_tok, grad_norm)
+    @torch.no_grad()
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of the sharded gradients: one `torch._foreach_norm` over this rank's local shards, one
+        all-reduce of the sum of squares; clipped as `torch.nn.utils.clip_grad_norm_` does (coef max/(norm+1e-6))."""
+        grads = [_local(p.grad) for _, p in self.params if p.grad is not None]
+        sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() if grads else torch.zeros((), dtype=torch.float64)
+        grad_norm = math.sqrt(self._all_sum([float(sq)])[0])
+        if self.cfg.max_grad_norm and math.isfinite(grad_norm):
+            coef = min(1.0, self.cfg.max_grad_norm / (grad_norm + 1e-6))
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return grad_norm
 
     def _val_batches(self):
         """This rank's share of each global validation batch (a dummy, uncounted forward where it has none, so every
@@ -519,18 +484,7 @@ class DistributedTrainer(Trainer):
                 batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
             yield batch
 
-    # ---- files: rank 0 writes, everyone waits ----------------------------------------------------------------------
-    def fingerprint(self) -> dict:
-        """Trainer's fingerprint with the GLOBAL micro-batch (micro_batch_size x world size): the data plan depends on
-        that product only, so a checkpoint resumes under any world size with the same product (one process too)."""
-        fp = super().fingerprint()
-        if "micro_batch_size" in fp.get("train", {}):
-            fp["train"]["micro_batch_size"] = self.cfg.micro_batch_size * self.world_size
-        return fp
-
-    def _base_checksum(self, n_tensors: int = 4, n_samples: int = 4096) -> str:
-        return self._checksum
-
+    # ---- Trainer hooks: files (rank 0 writes, everyone waits) -------------------------------------------------------
     def _log(self, rec: dict) -> None:
         if self.is_main:
             super()._log(rec)
@@ -546,29 +500,18 @@ class DistributedTrainer(Trainer):
             super()._truncate_metrics(step)
         barrier()
         if not self.is_main:
-            self.history = []
-            path = self._metrics_path()
-            if step and os.path.isfile(path):
-                with open(path, encoding="utf-8") as fh:
-                    for line in fh:
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            continue
-                        if rec.get("step", 0) <= step:
-                            self.history.append(rec)
+            self.history = self.run_dir.read_metrics(step)
 
-    # ---- adapter / checkpoint I/O: gather to rank 0, rank 0 writes, everyone waits --------------------------------
     def _save_adapter(self, out_dir: str) -> None:
-        """Trainer hook. Inside save_checkpoint / _save_best (rank 0 only) the adapter was gathered beforehand;
-        elsewhere (the final adapter) this is collective: every rank gathers, rank 0 writes."""
+        """Inside save_checkpoint / _save_best (rank 0 only) the adapter was gathered beforehand; elsewhere (the final
+        adapter) this is collective: every rank gathers, rank 0 writes."""
         if self._gathered is not None:
             write_adapter(self._gathered, self.lora_config, out_dir, self.base_model_name_or_path)
         else:
             save_adapter_sharded(self.model, out_dir, self.base_model_name_or_path)
 
     def _load_adapter(self, adapter_dir: str) -> None:
-        """Trainer hook: every rank reads the full adapter and keeps its shards."""
+        """Every rank reads the full adapter and keeps its shards."""
         load_adapter_sharded(self.model, adapter_dir)
 
     def _run_on_main(self, fn, *args):
@@ -597,60 +540,3 @@ class DistributedTrainer(Trainer):
         """Every rank reads the (full) checkpoint and keeps its shards."""
         super().load_checkpoint(path)
         barrier()
-
-
-# ---- launching -----------------------------------------------------------------------------------------------------
-
-def launch(nproc: int, argv: list[str] | None = None, module: str = "qlora70.cli", script: str | None = None,
-           port: int | None = None) -> int:
-    """Re-run `python -m <module> <argv>` (or `python <script> <argv>`) as `nproc` processes on this host through
-    `torch.distributed.run` (torchrun's own code), rendezvous on 127.0.0.1:<free port>. Returns 0, or 1 when a rank
-    failed (its error is logged). Pass the argv WITHOUT `--nproc` (see `strip_nproc`); the children see torchrun's
-    RANK / WORLD_SIZE / LOCAL_RANK env (so they do not re-launch)."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise ValueError(f"--nproc must be an int >= 1, got {nproc!r}")
-    if script is not None and not os.path.isfile(script):
-        raise FileNotFoundError(f"launch: script {script} not found")
-    from torch.distributed.run import get_args_parser, run
-
-    if port is None:
-        import socket
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    argv = list(sys.argv[1:] if argv is None else argv)
-    target = [script] if script is not None else ["--module", module]
-    args = get_args_parser().parse_args(["--nnodes=1", "--node_rank=0", f"--nproc_per_node={nproc}",
-                                         "--master_addr=127.0.0.1", f"--master_port={port}", *target, *argv])
-    import signal
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    try:
-        run(args)
-    except Exception as e:  # torchrun's ChildFailedError names the failing rank and its traceback
-        log.error("torchrun: %s", e)
-        return 1
-    finally:  # torchrun installs its own handlers; give the caller (e.g. a Trainer's Ctrl-C handling) its own back
-        for sig, h in saved.items():
-            signal.signal(sig, h)
-    return 0
-
-
-def strip_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
-    """Remove `--nproc N` / `--nproc=N` from argv; returns (N or None, the rest)."""
-    out, n, i = [], None, 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--nproc" and i + 1 < len(argv):
-            n, i = argv[i + 1], i + 2
-            continue
-        if a.startswith("--nproc="):
-            n, i = a.split("=", 1)[1], i + 1
-            continue
-        out.append(a)
-        i += 1
-    if n is not None:
-        try:
-            n = int(n)
-        except ValueError:
-            raise ValueError(f"--nproc must be an integer, got {n!r}") from None
-    return n, out

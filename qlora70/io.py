@@ -1,4 +1,5 @@
-"""Atomic file writes: every file qlora70 writes goes through `atomic_path`.
+"""File plumbing under everything else: atomic writes (every file qlora70 writes goes through `atomic_path`) and
+`parse_size` (the one reader of "5GB" / "80GiB" sizes).
 
 The content is written to a temporary file in the destination's directory, fsynced, and renamed over the destination
 with `os.replace`, so a reader (or a crash, or Ctrl-C) sees either the old file or the complete new one, never a torn
@@ -8,6 +9,7 @@ created as needed. `atomic_dir` does the same for a whole directory.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import tempfile
@@ -75,3 +77,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     """Write `obj` as JSON (plus a final newline) to `path` atomically; it is serialized before anything is written,
     so an unserializable object leaves `path` untouched."""
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*", re.IGNORECASE)
+
+
+def parse_size(size: int | float | str, *, unit: int = 1, what: str = "size") -> int:
+    """A byte count from 5_000_000_000, "5GB" (10^9), "500MiB" (2^20), "80 GiB" or "80G" (a bare K/M/G/T is binary,
+    as in "80G" of GPU memory). A bare number (int, float or a digits-only string) is in `unit` bytes (1 for file
+    sizes, 2^30 for GPU memory). Raises ValueError naming `what` and the value."""
+    if isinstance(size, bool):
+        raise ValueError(f"cannot parse {what} {size!r}; use e.g. '5GB' or '80GiB'")
+    if isinstance(size, (int, float)):
+        return int(size * unit)
+    m = _SIZE.fullmatch(str(size))
+    if not m or (m.group(3) and not m.group(2)):
+        raise ValueError(f"cannot parse {what} {size!r}; use e.g. '5GB' or '80GiB'")
+    prefix, binary, b = m.group(2).upper(), bool(m.group(3)), bool(m.group(4))
+    if not prefix:
+        return int(float(m.group(1)) * (1 if b else unit))
+    base = 1024 if (binary or not b) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(prefix))

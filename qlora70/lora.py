@@ -8,7 +8,8 @@ the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors
 
 Speed (CPU): LoRA dropout uses `FastDropout` (same semantics as nn.Dropout, ~4x cheaper mask on CPU), the B
 projection and scale fold into one `addmm`, and `keep_base_outputs_context_fn` lets a checkpointed layer keep its
-frozen base outputs instead of recomputing them (`set_gradient_checkpointing(..., policy="keep_base_outputs")`).
+frozen base outputs instead of recomputing them (`set_gradient_checkpointing(..., policy="keep_base_outputs")`,
+`qlora70.recompute`). Merged checkpoints are written by `qlora70.checkpoint.save_merged`.
 """
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ import collections
 import json
 import math
 import os
-import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_json
 from .layers import Linear4bit
+from .recompute import _current_phase
+from .safetensors_io import atomic_save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -81,49 +83,6 @@ class FastDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-# ---- selective recomputation under gradient checkpointing ------------------------------------------------------------
-# With torch.utils.checkpoint(use_reentrant=False, context_fn=keep_base_outputs_context_fn) around a decoder layer, the
-# first forward records every LoRA layer's frozen base output (x @ W^T, W dequantized) and the recomputation in
-# backward reuses it instead of recomputing the matmul; the LoRA branch, dropout masks (RNG replayed), norms and
-# attention are still recomputed. Costs one (tokens, out) tensor per targeted linear per layer (kept until backward);
-# saves one base forward matmul + dequantization per linear.
-
-_PHASE = threading.local()
-
-
-class _BaseOutputs:
-    def __init__(self) -> None:
-        self.store: dict[int, collections.deque] = {}
-
-
-class _PhaseContext:
-    def __init__(self, cache: _BaseOutputs, phase: str):
-        self.cache, self.phase = cache, phase
-
-    def __enter__(self):
-        stack = getattr(_PHASE, "stack", None)
-        if stack is None:
-            stack = _PHASE.stack = []
-        stack.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        _PHASE.stack.pop()
-        return False
-
-
-def keep_base_outputs_context_fn() -> tuple[_PhaseContext, _PhaseContext]:
-    """`context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: (forward context that records
-    the LoRA layers' base outputs, recomputation context that replays them)."""
-    cache = _BaseOutputs()
-    return _PhaseContext(cache, "record"), _PhaseContext(cache, "replay")
-
-
-def _current_phase() -> _PhaseContext | None:
-    stack = getattr(_PHASE, "stack", None)
-    return stack[-1] if stack else None
 
 
 class _FrozenBase(torch.autograd.Function):
@@ -335,14 +294,6 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize
 
 # ---- PEFT adapter files ----------------------------------------------------------------------------------------
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str,
-                            metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (`qlora70.io.atomic_write_bytes`)."""
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata))
-
-
 def adapter_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None = None) -> dict:
     """PEFT's `adapter_config.json` for a LoRA adapter on a causal LM."""
     return {
@@ -453,31 +404,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     model.lora_config = cfg
     return model
 
-
-def save_merged(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                format: str = "hf", gguf_type: str = "f16", inplace: bool = False, **kwargs: Any) -> str:
-    """Merge the adapter and write a deployable checkpoint: `format` "hf" (standard HF Llama safetensors in `dtype`),
-    "bnb4" (re-quantized NF4 in the bitsandbytes layout; explicit) or "gguf" (`out_dir` is then the .gguf file path,
-    `gguf_type` "f16" | "q8_0"; pass `tokenizer=` for the vocabulary).
-
-    Without `inplace` the model is deep-copied first (the caller's adapter model stays usable); with `inplace=True`
-    no copy is made (needed for models that fill the memory). Extra kwargs go to the checkpoint writer. Returns the
-    path written (a directory, or the .gguf file).
-    """
-    import copy
-
-    from . import checkpoint
-
-    formats = ("hf", "bnb4", "gguf")
-    if format not in formats:
-        raise ValueError(f"save_merged: format must be one of {formats}, got {format!r}")
-    if not any(True for _ in lora_modules(model)):
-        raise ValueError("save_merged: the model has no LoRA layers; use qlora70.checkpoint.save_hf for a plain model")
-    m = model if inplace else copy.deepcopy(model)
-    if format == "bnb4":
-        merge_lora(m, dtype=dtype, requantize=True)
-        return checkpoint.save_quantized(m, out_dir, **kwargs)
-    merge_lora(m, dtype=dtype)
-    if format == "gguf":
-        return checkpoint.export_gguf(m, out_dir, qtype=gguf_type, **kwargs)
-    return checkpoint.save_hf(m, out_dir, dtype=dtype, **kwargs)

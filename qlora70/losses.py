@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from .config import IGNORE_INDEX
 
 
 class ChunkedCrossEntropyFunction(torch.autograd.Function):

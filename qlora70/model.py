@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .layers import Linear4bit
+from .recompute import RECOMPUTE_POLICIES, keep_base_outputs_context_fn
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -165,8 +166,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def _build_mask(q_doc: torch.Tensor, k_doc: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """q_doc (B, T), k_doc (B, S) document ids (0 = padding) -> bool mask (B, 1, T, S), True = attend."""
+def document_causal_mask(q_doc: torch.Tensor, k_doc: torch.Tensor | None = None, start_pos: int = 0) -> torch.Tensor:
+    """The one document mask: q_doc (B, T), k_doc (B, S) document ids (0 = padding; default k_doc = q_doc, a packed
+    row as `qlora70.data.collate_packed` returns it) -> bool mask (B, 1, T, S) for SDPA, True where query i may attend
+    key j: same document, key not padding, j <= i (queries sit at absolute positions start_pos..start_pos+T-1). Every
+    query also sees itself, so padding rows never softmax over nothing (no NaN)."""
+    k_doc = q_doc if k_doc is None else k_doc
     T, S = q_doc.shape[1], k_doc.shape[1]
     qi = torch.arange(start_pos, start_pos + T, device=q_doc.device)[:, None]  # (T, 1) absolute query positions
     kj = torch.arange(S, device=q_doc.device)[None, :]  # (1, S)
@@ -222,7 +227,6 @@ class Llama(nn.Module):
                        else contextlib.nullcontext())
                 kw = {}
                 if self.checkpoint_policy == "keep_base_outputs":  # reuse the frozen base matmuls of LoRA layers
-                    from .lora import keep_base_outputs_context_fn
                     kw["context_fn"] = keep_base_outputs_context_fn
                 with ctx:  # checkpoint saves the layer inputs through the ambient hooks: to CPU when offloading
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False, **kw)
@@ -246,7 +250,7 @@ class Llama(nn.Module):
         if cache is None:
             if am is None:
                 return None
-            return _build_mask(am, am, 0)
+            return document_causal_mask(am, am, 0)
         if am is not None and cache.doc is None:
             cache.doc = torch.ones(cache.batch_size, cache.max_len, dtype=torch.long, device=dev)
         if cache.doc is None:
@@ -256,7 +260,7 @@ class Llama(nn.Module):
             return (torch.arange(S, device=dev)[None] <= torch.arange(start_pos, S, device=dev)[:, None])
         q_doc = am if am is not None else torch.ones(B, T, dtype=torch.long, device=dev)
         cache.doc[:, start_pos:start_pos + T] = q_doc
-        return _build_mask(q_doc, cache.doc[:, :start_pos + T], start_pos)
+        return document_causal_mask(q_doc, cache.doc[:, :start_pos + T], start_pos)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache.for_model(self, batch_size, max_len)
@@ -298,10 +302,10 @@ def set_gradient_checkpointing(model: nn.Module, enabled: bool = True, offload: 
     """Recompute each decoder layer in backward (`torch.utils.checkpoint`, use_reentrant=False) instead of keeping its
     activations; only the layer inputs (B, T, D) are saved, on CPU when `offload` (pinned when the model is on CUDA).
     policy "keep_base_outputs" also keeps the LoRA layers' frozen base outputs from the forward so the recomputation
-    skips those matmuls (`qlora70.lora.keep_base_outputs_context_fn`; more memory, less compute).
+    skips those matmuls (`qlora70.recompute.keep_base_outputs_context_fn`; more memory, less compute).
     Active only when gradients are enabled and no KV cache is passed."""
-    if policy not in ("full", "keep_base_outputs"):
-        raise ValueError(f"checkpoint policy must be 'full' or 'keep_base_outputs', got {policy!r}")
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"checkpoint policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
     target = model
     while not isinstance(target, Llama):  # accept wrappers exposing the Llama as `.model` / `.base_model`
         nxt = getattr(target, "base_model", None) or getattr(target, "model", None)

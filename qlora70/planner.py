@@ -53,20 +53,10 @@ def _linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
 
 
 def parse_size(s: str | float | int) -> float:
-    """'80GiB', '80GB', '141 GiB', 80 (GiB) -> bytes."""
-    if isinstance(s, (int, float)):
-        return float(s) * GiB
-    t = s.strip().replace(" ", "").lower()
-    for suf, mul in (("gib", GiB), ("gb", 1e9), ("mib", 1024 ** 2), ("mb", 1e6), ("g", GiB)):
-        if t.endswith(suf):
-            try:
-                return float(t[: -len(suf)]) * mul
-            except ValueError:
-                break
-    try:
-        return float(t) * GiB
-    except ValueError:
-        raise ValueError(f"cannot parse memory size {s!r}; use e.g. '80GiB' or '80GB'") from None
+    """'80GiB', '80GB', '141 GiB', 80 (GiB) -> bytes (`qlora70.io.parse_size` with GiB as the bare unit)."""
+    from .io import parse_size as _parse_size
+
+    return float(_parse_size(s, unit=GiB, what="memory size"))
 
 
 def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1, lora_r: int = 64,

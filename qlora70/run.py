@@ -1,12 +1,14 @@
 """One QLoRA experiment end to end: load -> quantize -> LoRA -> train -> evaluate (before/after) -> save -> report.
 
-Used by `qlora70 train` and `examples/train_sm70.py`. The resolved configuration, the data accounting, the
-contamination check and every evaluation go into `<out>/report.json` and `<out>/report.md`; the adapter is written in
-PEFT format at `<out>/adapter_model.safetensors` + `<out>/adapter_config.json`.
+Used by `qlora70 train` and `examples/train_sm70.py`, configured by one validated `qlora70.config.RunConfig`
+(`qlora70.recipe` builds it from a preset and the flags before anything is loaded). `run_experiment` is a sequence of
+small stages: run directory, load, data (+ validation split), contamination check, trainer, evaluation before, train,
+evaluation after, merge, report. The resolved configuration, the data accounting, the contamination check and every
+evaluation go into `<out>/report.json` and `<out>/report.md`; the adapter is written in PEFT format at
+`<out>/adapter_model.safetensors` + `<out>/adapter_config.json`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -18,8 +20,17 @@ from typing import Any
 
 import torch
 
+from .checkpoint import load_model, resolve_device, save_merged, tokenizer_for
+from .config import RunConfig
+from .data import TokenizedData, build_dataset, contamination_check_paths
+from .distributed import DistributedTrainer, init_distributed
+from .evaluate import evaluate_task
 from .io import atomic_write_json, atomic_write_text
-from .recipe import DATA_DIR, resolve_train_config
+from .recipe import DATA_DIR
+from .train_state import latest_checkpoint
+from .trainer import Trainer
+
+CHANCE = {"medqa": 0.25, "pubmedqa": 1 / 3}
 
 
 def say(msg: str) -> None:
@@ -39,23 +50,20 @@ class EvalSpec:
     kwargs: dict = field(default_factory=dict)
 
 
-def default_eval_specs(limit: int | None) -> list[EvalSpec]:
-    """Held-out evaluation sets shipped in `data/` (disjoint from the shipped training subsets; see data/README.md)."""
+def default_eval_specs(limit: int | None, tasks: tuple[str, ...] | None = None) -> list[EvalSpec]:
+    """Held-out evaluation sets shipped in `data/` (disjoint from the shipped training subsets; see data/README.md),
+    restricted to `tasks` when given (in the order given)."""
     specs = [EvalSpec("medqa", "medqa", str(DATA_DIR / "medqa" / "US_4options_test_200.jsonl"), limit),
              EvalSpec("pubmedqa", "pubmedqa", str(DATA_DIR / "pubmedqa"), limit),  # the 200 official-test items
              EvalSpec("usmle", "usmle", str(DATA_DIR / "usmle"), limit)]
+    if tasks is not None:
+        by_name = {s.name: s for s in specs}
+        specs = [by_name[t] for t in tasks]
     return [s for s in specs if os.path.exists(s.data)]
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def evaluate_all(model, tok, specs: list[EvalSpec], seed: int, out_dir: Path | None, stem: str,
                  batch_size: int = 8, max_length: int = 1024) -> dict[str, Any]:
-    from .evaluate import evaluate_task
     results = {}
     was_training = model.training
     model.eval()
@@ -117,7 +125,6 @@ def honest_reading(before: dict, after: dict, chance: dict[str, float]) -> list[
 
 def run_dir_in_use(out_dir: str | os.PathLike) -> bool:
     """True when `out_dir` holds a training run's checkpoint, i.e. when the Trainer would refuse a fresh run there."""
-    from .trainer import latest_checkpoint
     return latest_checkpoint(out_dir) is not None
 
 
@@ -131,166 +138,204 @@ def free_run_dir(base: str) -> str:
     return f"{base}-{k}"
 
 
-def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *, eval_specs: list[EvalSpec],
-                   eval_before: bool = True, resume: bool = False, save_merged: bool = True,
-                   device: str = "auto", tokenizer_path: str | None = None, progress: bool = True,
-                   eval_each_epoch: bool = False, contamination: bool = True) -> dict[str, Any]:
-    from .checkpoint import load_model
-    from .distributed import DistributedTrainer, init_distributed
-    from .config import LoRAConfig, TrainConfig
-    from .data import build_dataset, contamination_check_paths
-    from .lora import save_merged as _save_merged
-    from .tokenizer import load_tokenizer
-    from .trainer import Trainer
+def validation_split(data: TokenizedData, val_size: float, seed: int) -> tuple[Any, Any, str | None]:
+    """(train, validation or None, note): `val_size` entries (>= 1) or that fraction of `data`. A fraction that rounds
+    to 0 entries holds out 1 (none, with a note, when the data has fewer than 2 entries): a default never fails."""
+    if not val_size:
+        return data, None, None
+    n = len(data)
+    k = int(val_size) if val_size >= 1 else int(round(val_size * n))
+    note = None
+    if val_size < 1 and k == 0:
+        k = 1 if n >= 2 else 0
+        note = (f"validation fraction {val_size:g} of {n} entries rounds to 0; "
+                + ("holding out 1 entry" if k else "no validation split (fewer than 2 entries)"))
+    if not k:
+        return data, None, note
+    train, val = data.split(k, seed=seed)
+    return train, val, note
 
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    if not resume and run_dir_in_use(out):  # fail in seconds, not after loading and the first evaluation
-        raise ValueError(f"{out} already holds a training run ({out / 'checkpoints'}); continue it with --resume, "
-                         f"or pass another --out (nothing there is overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
+
+def _stage_load(cfg: RunConfig, progress: bool) -> tuple[Any, Any, str, Any]:
+    """(model, tokenizer, device, process info): NF4 + double quantization onto this process's device."""
+    dev = resolve_device(cfg.device)
     info = init_distributed()  # rank 0 of 1 unless launched by torchrun / --nproc
     if info.world_size > 1:
-        if eval_specs or eval_before or save_merged:
-            raise ValueError("multi-process training (--nproc > 1) trains and saves the adapter; evaluate or merge it "
-                             "afterwards in one process (qlora70 eval / qlora70 merge)")
         dev = str(info.device)  # cuda:LOCAL_RANK (NCCL) or cpu (gloo)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {dev!r} requested but no CUDA device is available")
-    model_path = cfg["model"]
-    if not model_path:
-        raise ValueError("no model: pass --model PATH (an HF Llama directory, a bitsandbytes 4-bit directory or a "
-                         ".gguf file)")
     compute = torch.float32 if dev == "cpu" else torch.bfloat16
-    say(f"loading {model_path} -> NF4 + double quantization on {dev} (compute {str(compute).split('.')[-1]})")
-    model = load_model(model_path, quantize="nf4", double_quant=True, dtype=compute, device=dev, progress=progress)
-    tok_src = tokenizer_path or (model_path if model_path.endswith(".gguf") else model_path)
-    tok = load_tokenizer(tok_src)
+    say(f"loading {cfg.model} -> NF4 + double quantization on {dev} (compute {str(compute).split('.')[-1]})")
+    model = load_model(cfg.model, quantize="nf4", double_quant=True, dtype=compute, device=dev, progress=progress)
+    tok = tokenizer_for(cfg.model, cfg.tokenizer)
     say(f"model: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, vocab "
         f"{model.config.vocab_size}; tokenizer {tok.kind} ({tok.vocab_size} tokens)")
+    return model, tok, dev, info
 
-    say(f"data: {', '.join(train_paths)} (template {cfg['template']!r}, seq_len {cfg['seq_len']})")
-    data = build_dataset(train_paths, tok, template=cfg["template"], seq_len=cfg["seq_len"], progress=progress)
+
+def _stage_data(cfg: RunConfig, train_paths: list[str], tok: Any, progress: bool) -> tuple[Any, Any, Any, str | None]:
+    """(all data, train, validation or None, split note): cached token ids, answer-only labels."""
+    say(f"data: {', '.join(train_paths)} (template {cfg.template!r}, seq_len {cfg.train.seq_len})")
+    data = build_dataset(train_paths, tok, template=cfg.template, seq_len=cfg.train.seq_len, progress=progress)
     rep = data.report
     say(f"data: {len(data)} examples, {data.n_tokens} tokens ({data.n_answer_tokens} trained answer tokens); "
         f"dropped {rep.n_dropped} {rep.drop_counts()}; cache {'hit' if data.cache_hit else 'built'}")
-    val_size = cfg.get("val_size") or 0
-    train_data, val_data = data.split(int(val_size) if val_size >= 1 else float(val_size), seed=cfg["seed"]) \
-        if val_size else (data, None)
+    train_data, val_data, note = validation_split(data, cfg.val_size, cfg.train.seed)
+    if note:
+        say(f"note: {note}")
     say(f"split: {len(train_data)} train / {0 if val_data is None else len(val_data)} held-out validation examples")
+    return data, train_data, val_data, note
 
-    contam = None
-    if contamination and eval_specs:
-        c = contamination_check_paths(train_paths, {s.name: (s.task, s.data) for s in eval_specs}, progress=False)
-        contam = c.to_dict()
-        contam["markdown"] = c.to_markdown()
-        say("contamination: " + "; ".join(f"{k}: {v['n_contaminated']} of {v['n_items']} eval questions found in "
-                                          f"training data" for k, v in c.per_task.items()))
 
-    lora = LoRAConfig(r=int(cfg["lora_r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg["lora_dropout"]))
-    epochs = cfg.get("epochs") or 1
-    tc = TrainConfig(lr=float(cfg["lr"]), epochs=max(1, int(math.ceil(epochs))), max_steps=cfg.get("max_steps"),
-                     batch_size=int(cfg["batch_size"]), micro_batch_size=int(cfg["micro_batch_size"]),
-                     seq_len=int(cfg["seq_len"]), warmup_ratio=float(cfg["warmup_ratio"]),
-                     lr_schedule=cfg["lr_schedule"], max_grad_norm=cfg["max_grad_norm"], seed=int(cfg["seed"]),
-                     save_every=int(cfg["save_every"]), eval_every=int(cfg["eval_every"]),
-                     early_stopping_patience=cfg.get("early_stopping"),
-                     gradient_checkpointing=bool(cfg["gradient_checkpointing"]), offload=bool(cfg.get("offload")),
-                     optim_bits=int(cfg["optim_bits"]), paged=bool(cfg["paged"]), out_dir=str(out),
-                     progress=progress)
-    before: dict = {}
-    epoch_evals: list[dict] = []
+def _stage_contamination(train_paths: list[str], specs: list[EvalSpec]) -> dict | None:
+    """13-gram overlap of the evaluation questions with the training data (before any training)."""
+    if not specs:
+        return None
+    c = contamination_check_paths(train_paths, {s.name: (s.task, s.data) for s in specs}, progress=False)
+    contam = c.to_dict()
+    contam["markdown"] = c.to_markdown()
+    say("contamination: " + "; ".join(f"{k}: {v['n_contaminated']} of {v['n_items']} eval questions found in "
+                                      f"training data" for k, v in c.per_task.items()))
+    return contam
 
+
+def _stage_trainer(cfg: RunConfig, model: Any, tok: Any, info: Any, train_data: Any, val_data: Any,
+                   specs: list[EvalSpec], out: Path, epoch_evals: list[dict]) -> Trainer:
+    """The (distributed, when launched so) trainer; with `eval.each_epoch`, benchmarks at every epoch end."""
     def on_step(trainer, rec):  # evaluation at each epoch end (SM70 protocol)
-        if eval_each_epoch and trainer.micro_in_epoch == 0 and trainer.step > 0:
-            res = evaluate_all(trainer.model, tok, eval_specs, cfg["seed"], out, f"epoch{trainer.epoch}")
+        if cfg.eval.each_epoch and specs and trainer.micro_in_epoch == 0 and trainer.step > 0:
+            res = evaluate_all(trainer.model, tok, specs, cfg.train.seed, out, f"epoch{trainer.epoch}")
             epoch_evals.append({"epoch": trainer.epoch, "step": trainer.step,
                                 **{k: {"accuracy": v.accuracy, "ci95": list(v.ci95)} for k, v in res.items()}})
 
     trainer_cls = DistributedTrainer if info.world_size > 1 else Trainer
-    trainer = trainer_cls(model, tc, train_data, val_data, lora_config=lora, pad_id=tok.pad_id, callbacks=[on_step],
-                          base_model_name_or_path=os.path.abspath(model_path))
+    trainer = trainer_cls(model, cfg.train, train_data, val_data, lora_config=cfg.lora, pad_id=tok.pad_id,
+                          callbacks=[on_step], base_model_name_or_path=os.path.abspath(cfg.model))
     n_train = sum(p.numel() for _, p in trainer.params)
+    lora = cfg.lora
     say(f"LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {', '.join(lora.targets)}: "
-        f"{n_train / 1e6:.2f}M trainable params; {trainer.total_steps} optimizer steps of {tc.batch_size} sequences")
-    resolved = {"run": cfg, "train_config": tc.__dict__ if not hasattr(tc, "to_dict") else tc.to_dict(),
-                "lora": lora.__dict__, "template": cfg["template"], "train_paths": train_paths,
-                "eval": [s.__dict__ for s in eval_specs], "device": dev, "torch": torch.__version__,
-                "python": platform.python_version(), "started": datetime.now(timezone.utc).isoformat()}
-    if info.rank == 0:
-        atomic_write_json(out / "run_config.json", resolved, default=str)
+        f"{n_train / 1e6:.2f}M trainable params; {trainer.total_steps} optimizer steps of {cfg.train.batch_size} "
+        "sequences")
+    return trainer
 
-    val_before = None
-    if eval_before and not resume:
-        if val_data is not None:
-            val_before = trainer.evaluate()
-            say(f"before: held-out answer loss {val_before:.4f} (perplexity {_ppl(val_before):.2f})")
-        before = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "before")
 
+def _write_run_config(cfg: RunConfig, train_paths: list[str], specs: list[EvalSpec], dev: str, out: Path) -> None:
+    resolved = {"run": cfg.flat(), "train_config": cfg.train.to_dict(), "lora": dict(cfg.lora.__dict__),
+                "template": cfg.template, "train_paths": train_paths, "eval": [s.__dict__ for s in specs],
+                "device": dev, "torch": torch.__version__, "python": platform.python_version(),
+                "started": datetime.now(timezone.utc).isoformat()}
+    atomic_write_json(out / "run_config.json", resolved, default=str)
+
+
+def _stage_train(trainer: Trainer, resume: bool, out: Path) -> tuple[dict, float]:
     t_train = time.perf_counter()
     summary = trainer.train(resume="auto" if resume else False)  # writes the final adapter into `out`
     train_s = time.perf_counter() - t_train
     rate = [r["tokens_per_s"] for r in trainer.history if "tokens_per_s" in r]
     say(f"at step {summary['step']} ({summary['tokens_seen']} tokens); this session {train_s:.0f}s"
         + (f", {rate[-1]:.0f} tokens/s" if rate else "") + f"; adapter -> {out / 'adapter_model.safetensors'}")
+    return summary, train_s
 
-    val_after = trainer.evaluate() if val_data is not None else None
-    if val_after is not None:
-        say(f"after:  held-out answer loss {val_after:.4f} (perplexity {_ppl(val_after):.2f})")
-    after = evaluate_all(model, tok, eval_specs, cfg["seed"], out, "after") if eval_specs else {}
+
+def _val_loss(trainer: Trainer, val_data: Any, when: str) -> float | None:
+    if val_data is None:
+        return None
+    v = trainer.evaluate()
+    say(f"{when + ':':7} held-out answer loss {v:.4f} (perplexity {_ppl(v):.2f})")
+    return v
+
+
+def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval_specs: list[EvalSpec],
+                   eval_before: bool = True, resume: bool = False, save_merged: bool = True,
+                   progress: bool = True, contamination: bool = True) -> dict[str, Any]:
+    """Run one experiment (see the module docstring); returns the report dict (rank 0) or a summary (other ranks)."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    if not resume and run_dir_in_use(out):  # fail in seconds, not after loading and the first evaluation
+        raise ValueError(f"{out} already holds a training run ({out / 'checkpoints'}); continue it with --resume, "
+                         f"or pass another --out (nothing there is overwritten)")
+    if not cfg.model:
+        raise ValueError("no model: pass --model PATH (an HF Llama directory, a bitsandbytes 4-bit directory or a "
+                         ".gguf file)")
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (eval_specs or eval_before or save_merged):
+        raise ValueError("multi-process training (--nproc > 1) trains and saves the adapter; evaluate or merge it "
+                         "afterwards in one process (qlora70 eval / qlora70 merge)")
+    model, tok, dev, info = _stage_load(cfg, progress)
+    data, train_data, val_data, split_note = _stage_data(cfg, train_paths, tok, progress)
+    contam = _stage_contamination(train_paths, eval_specs) if contamination else None
+    epoch_evals: list[dict] = []
+    trainer = _stage_trainer(cfg, model, tok, info, train_data, val_data, eval_specs, out, epoch_evals)
+    if info.rank == 0:
+        _write_run_config(cfg, train_paths, eval_specs, dev, out)
+    before, val_before = {}, None
+    if eval_before and not resume:
+        val_before = _val_loss(trainer, val_data, "before")
+        before = evaluate_all(model, tok, eval_specs, cfg.train.seed, out, "before")
+    summary, train_s = _stage_train(trainer, resume, out)
+    val_after = _val_loss(trainer, val_data, "after")
+    after = evaluate_all(model, tok, eval_specs, cfg.train.seed, out, "after") if eval_specs else {}
     if info.rank != 0:  # rank 0 writes the report
         return {"summary": summary, "val_loss_after": val_after}
-
     merged_path = None
     if save_merged:
-        merged_path = _save_merged(model, out / "merged", dtype=torch.bfloat16)
-        say(f"merged bf16 checkpoint -> {merged_path}")
-
-    chance = {"medqa": 0.25, "pubmedqa": 1 / 3}
-    table = before_after_table(before, after, val_before, val_after) if before else ""
-    notes = honest_reading(before, after, chance) if before else []
-    report = {"model": model_path, "device": dev, "elapsed_s": time.perf_counter() - t_start, "train_s": train_s,
+        merged_path = save_merged_checkpoint(model, out)
+    report = {"model": cfg.model, "device": dev, "elapsed_s": time.perf_counter() - t_start, "train_s": train_s,
               "summary": summary, "data": {"n_examples": len(data), "n_train": len(train_data),
                                            "n_val": 0 if val_data is None else len(val_data),
-                                           "n_tokens": int(data.n_tokens), "report": rep.to_dict()},
+                                           "n_tokens": int(data.n_tokens), "report": data.report.to_dict()},
               "contamination": contam, "val_loss_before": val_before, "val_loss_after": val_after,
               "before": {k: v.to_dict() for k, v in before.items()},
-              "after": {k: v.to_dict() for k, v in after.items()}, "epoch_evals": epoch_evals, "notes": notes,
+              "after": {k: v.to_dict() for k, v in after.items()}, "epoch_evals": epoch_evals,
+              "notes": honest_reading(before, after, CHANCE) if before else [],
               "adapter": str(out / "adapter_model.safetensors"), "merged": merged_path,
               "metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss_curve.png")}
-    atomic_write_json(out / "report.json", report, default=str)
-    md = ["# qlora70 run report", "", f"- model: `{model_path}` on {dev}; {summary['step']} steps, "
-          f"{summary['tokens_seen']} tokens in {train_s:.0f}s",
-          f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets {', '.join(lora.targets)}",
-          f"- data: {len(train_data)} train / {0 if val_data is None else len(val_data)} validation examples, "
-          f"template `{cfg['template']}`", ""]
-    if table:
-        md += ["## Before / after", "", table, ""]
-    if notes:
-        md += ["## Reading it honestly", ""] + [f"- {n}" for n in notes] + [""]
-    if contam:
-        md += ["## Contamination check", "", contam["markdown"], ""]
-    md += ["## Files", "", "- adapter: `adapter_model.safetensors`, `adapter_config.json` (PEFT format)",
-           "- metrics: `metrics.jsonl`, loss curve: `loss_curve.png`", "- per-task reports: `eval/`"]
-    if merged_path:
-        md.append(f"- merged checkpoint: `{os.path.relpath(merged_path, out)}`")
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    if table:
-        print("\n" + table + "\n")
-        for n in notes:
-            print("  - " + n)
-    say(f"report -> {out / 'report.md'} (total {time.perf_counter() - t_start:.0f}s)")
+    if split_note:
+        report["data"]["split_note"] = split_note
+    write_report(report, cfg, before, after, out, t_start)
     return report
 
 
-def train_from_args(a: argparse.Namespace) -> dict:
-    cfg = resolve_train_config(a)
-    if not a.data:
-        raise ValueError("no training data: pass --data PATH (repeatable; a JSON/JSONL file or a directory)")
-    if not a.out:
-        raise ValueError("no run directory: pass --out DIR")
-    specs = default_eval_specs(cfg.get("eval_limit")) if cfg.get("eval_each_epoch") else []
-    return run_experiment(cfg, list(a.data), a.out, eval_specs=specs, eval_before=False, resume=a.resume,
-                          save_merged=False, device=a.device, tokenizer_path=a.tokenizer,
-                          eval_each_epoch=bool(cfg.get("eval_each_epoch")))
+def save_merged_checkpoint(model: Any, out: Path) -> str:
+    path = save_merged(model, out / "merged", dtype=torch.bfloat16)
+    say(f"merged bf16 checkpoint -> {path}")
+    return path
+
+
+def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: Path, t_start: float) -> None:
+    """report.json, report.md, and the before/after table on stdout."""
+    atomic_write_json(out / "report.json", report, default=str)
+    table = before_after_table(before, after, report["val_loss_before"], report["val_loss_after"]) if before else ""
+    summary, lora, d = report["summary"], cfg.lora, report["data"]
+    md = ["# qlora70 run report", "", f"- model: `{cfg.model}` on {report['device']}; {summary['step']} steps, "
+          f"{summary['tokens_seen']} tokens in {report['train_s']:.0f}s",
+          f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets {', '.join(lora.targets)}",
+          f"- data: {d['n_train']} train / {d['n_val']} validation examples, template `{cfg.template}`"]
+    if d.get("split_note"):
+        md.append(f"- note: {d['split_note']}")
+    md.append("")
+    if table:
+        md += ["## Before / after", "", table, ""]
+    if report["notes"]:
+        md += ["## Reading it honestly", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    if report["contamination"]:
+        md += ["## Contamination check", "", report["contamination"]["markdown"], ""]
+    md += ["## Files", "", "- adapter: `adapter_model.safetensors`, `adapter_config.json` (PEFT format)",
+           "- metrics: `metrics.jsonl`, loss curve: `loss_curve.png`", "- per-task reports: `eval/`"]
+    if report["merged"]:
+        md.append(f"- merged checkpoint: `{os.path.relpath(report['merged'], out)}`")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    if table:
+        print("\n" + table + "\n")
+        for n in report["notes"]:
+            print("  - " + n)
+    say(f"report -> {out / 'report.md'} (total {time.perf_counter() - t_start:.0f}s)")
+
+
+def train_from_args(cfg: RunConfig, train_paths: list[str], resume: bool) -> dict:
+    """`qlora70 train`: the preset's benchmarks (or `--eval`) at each epoch end / after training; no before-training
+    evaluation and no merged checkpoint (the example script does both)."""
+    if cfg.eval.tasks is not None:
+        specs = default_eval_specs(cfg.eval.limit, cfg.eval.tasks)
+    else:
+        specs = default_eval_specs(cfg.eval.limit) if cfg.eval.each_epoch else []
+    return run_experiment(cfg, list(train_paths), cfg.train.out_dir, eval_specs=specs, eval_before=False,
+                          resume=resume, save_merged=False)

@@ -10,47 +10,38 @@ micro-batch dicts (`input_ids`, `labels` (B, T) long, optional `attention_mask`,
 the current position to the end of the epoch and then moves to the next epoch; `len()` is micro-batches per epoch;
 `state_dict()` / `load_state_dict()` save and restore the position (JSON-serializable).
 
-Output directory (`TrainConfig.out_dir`):
-    metrics.jsonl            one JSON object per logged step / validation
-    loss_curve.png           training and validation loss
-    checkpoints/latest.json  -> the newest complete checkpoint directory
-    checkpoints/step-NNNNNN/ adapter (PEFT format), optimizer.safetensors, rng.safetensors, trainer_state.json
-    best_adapter/            the adapter with the lowest validation loss (PEFT format)
-    adapter_model.safetensors + adapter_config.json: the final adapter (PEFT format; `out_dir` loads as an adapter)
-Every file is written to a temporary name and renamed; a checkpoint directory is renamed into place only when
-complete and `latest.json` is switched after it, so a kill -9 at any moment leaves the previous checkpoint usable.
+The run directory (metrics, loss curve, checkpoints, best and final adapter) is `qlora70.train_state.RunDir`. The
+loop calls small hooks that `qlora70.distributed.DistributedTrainer` overrides, and nothing else: `_prepare_model`
+(sharding), `_make_optimizer`, `_accum_steps`, `_build_loaders`, `_all_sum` (global sums), `_clip_gradients`,
+`_val_batches`, and the file hooks (`_log`, `_plot`, `_truncate_metrics`, `save_checkpoint`, `_save_best`,
+`load_checkpoint`, `_save_adapter`, `_load_adapter`).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
-import random
-import shutil
 import signal
 import threading
 import time
 from itertools import islice
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import LoRAConfig, TrainConfig
-from .losses import IGNORE_INDEX, chunked_cross_entropy
-from .io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
-from .lora import atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
+from .config import IGNORE_INDEX, LoRAConfig, TrainConfig, pad_or_eos
+from .data import Batches, TokenizedData
+from .losses import chunked_cross_entropy
+from .lora import get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
+from .model import set_gradient_checkpointing
 from .optim import PagedAdamW
+from .recompute import resolve_policy
+from .train_state import (RESUME_FIXED, RunDir, base_checksum, fingerprint,  # noqa: F401 (RESUME_FIXED: public)
+                          fingerprint_diffs, latest_checkpoint, rng_state, seed_everything, set_rng_state)
 
 log = logging.getLogger("qlora70.trainer")
-
-# TrainConfig fields that change the data order or the meaning of a step: a resume must keep them
-RESUME_FIXED = ("seed", "batch_size", "micro_batch_size", "seq_len", "val_fraction", "val_size", "group_by_length",
-                "packing", "optim_bits")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -63,66 +54,21 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _rng_to_files(st: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """RNG states as (tensors for safetensors, JSON-able dict)."""
-    tensors = {"torch": st["torch"].clone()}
-    for i, s in enumerate(st.get("cuda", [])):
-        tensors[f"cuda.{i}"] = s.clone()
-    py = st["python"]
-    npst = st["numpy"]
-    js = {"python": [py[0], list(py[1]), py[2]],
-          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
-    return tensors, js
-
-
-def _rng_from_files(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> dict[str, Any]:
-    py = js["python"]
-    npj = js["numpy"]
-    st = {"torch": tensors["torch"], "python": (py[0], tuple(py[1]), py[2]),
-          "numpy": (npj[0], np.asarray(npj[1], dtype=np.uint32), npj[2], npj[3], npj[4])}
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda:
-        st["cuda"] = cuda
-    return st
-
-
 def apply_gradient_checkpointing(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """`qlora70.model.set_gradient_checkpointing` with the config's offload and policy ("auto": keep_base_outputs on
-    CPU, full on CUDA). A policy other than full/auto needs a model that supports it."""
-    import inspect
-
-    from .model import set_gradient_checkpointing
-
-    policy = cfg.checkpoint_policy
-    supported = "policy" in inspect.signature(set_gradient_checkpointing).parameters
-    if policy == "auto":
-        policy = "keep_base_outputs" if device.type == "cpu" and supported else "full"
-    kw: dict[str, Any] = {"enabled": cfg.gradient_checkpointing, "offload": cfg.offload}
-    if supported:
-        kw["policy"] = policy
-    elif policy != "full":
-        raise ValueError(f"TrainConfig.checkpoint_policy={cfg.checkpoint_policy!r} needs "
-                         "qlora70.model.set_gradient_checkpointing(..., policy=...), which this build lacks; "
-                         "use 'full'")
+    """`qlora70.model.set_gradient_checkpointing` with the config's offload and recompute policy
+    (`qlora70.recompute.resolve_policy`: "auto" is keep_base_outputs on CPU, full on CUDA)."""
+    policy = resolve_policy(cfg.checkpoint_policy, device.type)
     try:
-        set_gradient_checkpointing(model, **kw)
+        set_gradient_checkpointing(model, enabled=cfg.gradient_checkpointing, offload=cfg.offload, policy=policy)
     except TypeError as e:  # not a qlora70 Llama (e.g. a test stub): train without checkpointing
         log.warning("gradient checkpointing not enabled: %s", e)
+
+
+def default_pad_id(model: nn.Module) -> int:
+    """The pad id when none is given: the model config's pad_token_id, else its eos_token_id, else 0 (padded labels
+    are masked, so any id works; the tokenizer's own `pad_id` is preferred by `qlora70.run`)."""
+    c = getattr(model, "config", None)
+    return pad_or_eos(getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
 
 
 class _ListLoader:
@@ -138,22 +84,6 @@ class _ListLoader:
         return len(self.batches)
 
 
-def latest_checkpoint(out_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint directory of the run in `out_dir` (named by checkpoints/latest.json), or None."""
-    root = os.path.join(os.fspath(out_dir), "checkpoints")
-    p = os.path.join(root, "latest.json")
-    if not os.path.isfile(p):
-        return None
-    try:
-        with open(p, encoding="utf-8") as fh:
-            name = json.load(fh)["dir"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{p} is not a checkpoint pointer ({type(e).__name__}: {e}); restore it or remove the "
-                         "run directory") from None
-    path = os.path.join(root, name)
-    return path if os.path.isdir(path) else None
-
-
 class Trainer:
     """Train the LoRA parameters of `model` (a `qlora70.model.Llama`, 4-bit or not) on answer-only labelled data.
 
@@ -162,46 +92,34 @@ class Trainer:
     optimizer step with that step's metrics record. `pad_id` pads micro-batches built from TokenizedData.
     """
 
+    rank, world_size = 0, 1  # one process (the distributed trainer sets its own)
+
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data: Any, val_data: Any = None, *,
                  lora_config: LoRAConfig | None = None, pad_id: int | None = None,
                  callbacks: Iterable[Callable[["Trainer", dict], None]] = (),
                  base_model_name_or_path: str | None = None):
         if not isinstance(cfg, TrainConfig):
-            raise TypeError(f"Trainer expects a TrainConfig, got {type(cfg).__name__}")
+            raise TypeError(f"{type(self).__name__} expects a TrainConfig, got {type(cfg).__name__}")
         self.cfg, self.model = cfg, model
         self.callbacks = list(callbacks)
         self.base_model_name_or_path = base_model_name_or_path
-        if not any(True for _ in lora_modules(model)):
-            if lora_config is None:
-                raise ValueError("Trainer: the model has no LoRA layers; pass lora_config=LoRAConfig(...) or call "
-                                 "inject_lora first")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                inject_lora(model, lora_config)
-        elif lora_config is not None and lora_config != get_lora_config(model):
-            raise ValueError(f"Trainer: lora_config {lora_config} differs from the model's LoRA layers "
-                             f"{get_lora_config(model)}")
+        self._ensure_lora(model, lora_config)
+        self._prepare_model(model)
+        # the unsharded base's checksum (recorded by shard_model on a sharded model): resumes across world sizes
+        self._checksum = getattr(model, "_qlora70_base_checksum", None) or base_checksum(model)
         self.lora_config = get_lora_config(model)
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
-            raise ValueError("Trainer: the model has no trainable parameters")
+            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters")
         self.device = next(p for _, p in self.params).device
-        if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda"):
-            self.autocast_dtype: torch.dtype | None = torch.bfloat16
-        else:
-            self.autocast_dtype = None
-        if pad_id is None:
-            c = getattr(model, "config", None)
-            pad_id = next((v for v in (getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
-                           if v is not None), 0)
-        self.pad_id = int(pad_id)
+        self.autocast_dtype = self._select_autocast_dtype()
+        self.pad_id = int(pad_id if pad_id is not None else default_pad_id(model))
         self.train_loader, self.val_loader = self._build_loaders(train_data, val_data)
-        self.accum = cfg.grad_accum_steps
+        self.accum = self._accum_steps()
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loader) / self.accum))
         self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.steps_per_epoch
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
-        self.optimizer = PagedAdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                    weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
+        self.optimizer = self._make_optimizer([p for _, p in self.params])
         if cfg.gradient_checkpointing or cfg.offload:
             apply_gradient_checkpointing(model, cfg, self.device)
         # loop state (all of it goes into checkpoints)
@@ -218,12 +136,51 @@ class Trainer:
         self._in_update = False
         self._pending_interrupt = False
         self.out_dir = cfg.out_dir
-        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.run_dir = RunDir(self.out_dir)
+        self.ckpt_root = self.run_dir.ckpt_root
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (the only one here)."""
+        return self.rank == 0
+
+    # ---- set-up hooks ----------------------------------------------------------------------------------------------
+    def _ensure_lora(self, model: nn.Module, lora_config: LoRAConfig | None) -> None:
+        """Inject `lora_config` (seeded with cfg.seed, the global RNG left as it was) unless the model has LoRA."""
+        name = type(self).__name__
+        if not any(True for _ in lora_modules(model)):
+            if lora_config is None:
+                raise ValueError(f"{name}: the model has no LoRA layers; pass lora_config=LoRAConfig(...) or call "
+                                 "inject_lora first")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                inject_lora(model, lora_config)
+        elif lora_config is not None and lora_config != get_lora_config(model):
+            raise ValueError(f"{name}: lora_config {lora_config} differs from the model's LoRA layers "
+                             f"{get_lora_config(model)}")
+
+    def _prepare_model(self, model: nn.Module) -> None:
+        """After LoRA injection, before the trainable parameters are collected (the distributed trainer shards)."""
+
+    def _select_autocast_dtype(self) -> torch.dtype | None:
+        """The compute dtype (autocast) of the loop: bf16 when asked, or "auto" on CUDA; None = the weights' dtype."""
+        cfg = self.cfg
+        if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _accum_steps(self) -> int:
+        """Micro-batches per optimizer step (per process)."""
+        return self.cfg.grad_accum_steps
+
+    def _make_optimizer(self, params: list[torch.Tensor]) -> Any:
+        cfg = self.cfg
+        return PagedAdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                          optim_bits=cfg.optim_bits, paged=cfg.paged)
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):
         cfg = self.cfg
-        from .data import Batches, TokenizedData
 
         def batches(data: TokenizedData, shuffle: bool) -> Batches:
             return Batches(data, cfg.micro_batch_size, pad_id=self.pad_id, seed=cfg.seed, shuffle=shuffle,
@@ -335,9 +292,7 @@ class Trainer:
             self.load_checkpoint(ckpt)
             log.info("resumed from %s (step %d)", ckpt, self.step)
         else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
+            seed_everything(cfg.seed)
             self._truncate_metrics(0)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress,
@@ -402,10 +357,12 @@ class Trainer:
                 "final_loss": next((r["loss"] for r in reversed(self.history) if "loss" in r), None)}
 
     def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over `window`; every process runs the same number of micro-batches (collectives line
+        up). Token counts and the loss are global sums (`_all_sum`); the gradient norm is global (`_clip_gradients`)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        n_lab = sum(self._n_labelled(b) for b in window)
-        n_tok = sum(self._n_tokens(b) for b in window)
+        n_lab, n_tok = (int(v) for v in self._all_sum([sum(self._n_labelled(b) for b in window),
+                                                       sum(self._n_tokens(b) for b in window)]))
         lr = cfg.lr * lr_factor(self.step, self.total_steps, self.warmup_steps, cfg.lr_schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -413,19 +370,17 @@ class Trainer:
         loss_sum = 0.0
         for i, b in enumerate(window):
             s, _ = self._forward_loss(b)
-            if not torch.isfinite(s):
+            if self.world_size == 1 and not torch.isfinite(s):  # one process: name the micro-batch, stop at once
                 self._fail(f"loss is {float(s.detach())} in micro-batch {i + 1}/{len(window)} of step {self.step + 1}")
             if n_lab:
                 (s / n_lab).backward()
             loss_sum += float(s.detach())
+        loss_sum = self._all_sum([loss_sum])[0]
+        if not math.isfinite(loss_sum):
+            self._fail(f"loss is {loss_sum} in step {self.step + 1}")
         grad_norm = None
         if n_lab:
-            params = [p for _, p in self.params]
-            if cfg.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+            grad_norm = self._clip_gradients()
             if not math.isfinite(grad_norm):
                 self._fail(f"gradient norm is {grad_norm} at step {self.step + 1}")
             self._in_update = True  # cleared by the loop once the step counters are updated
@@ -433,6 +388,14 @@ class Trainer:
         else:
             log.warning("step %d: no labelled tokens in the window; optimizer step skipped", self.step + 1)
         return self._close_step(window, t0, lr, loss_sum, n_lab, n_tok, grad_norm)
+
+    def _clip_gradients(self) -> float:
+        """The gradient norm over all trainable parameters, clipped to cfg.max_grad_norm when set."""
+        params = [p for _, p in self.params]
+        if self.cfg.max_grad_norm:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        return float(torch.linalg.vector_norm(
+            torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
 
     def _close_step(self, window: list, t0: float, lr: float, loss_sum: float, n_lab: int, n_tok: int,
                     grad_norm: float | None) -> dict:
@@ -468,56 +431,6 @@ class Trainer:
         self._log(rec)
         self._plot()
 
-    # ---- metrics ---------------------------------------------------------------------------------------------------
-    def _metrics_path(self) -> str:
-        return os.path.join(self.out_dir, "metrics.jsonl")
-
-    def _log(self, rec: dict) -> None:
-        self.history.append(rec)
-        os.makedirs(self.out_dir, exist_ok=True)
-        with open(self._metrics_path(), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep only metrics records up to `step` (a resume drops what the interrupted run logged after it)."""
-        path = self._metrics_path()
-        self.history = []
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line after kill -9
-                    if rec.get("step", 0) <= step:
-                        self.history.append(rec)
-            if step == 0:
-                self.history = []
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
-
-    def _plot(self) -> None:
-        """loss_curve.png: training loss per step and validation loss, one plot."""
-        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r and math.isfinite(r["loss"])]
-        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
-        if not train and not val:
-            return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss", lw=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        with atomic_path(os.path.join(self.out_dir, "loss_curve.png")) as tmp:
-            fig.savefig(tmp, dpi=100)
-        plt.close(fig)
 
     # ---- interrupt handling ------------------------------------------------------------------------------------
     def _install_sigint(self):
@@ -540,7 +453,7 @@ class Trainer:
 
     def _snapshot(self) -> dict:
         """Data position, loop counters and RNG at a step boundary (what a checkpoint of this step holds)."""
-        return {"step": self.step, "loader": self.train_loader.state_dict(), "rng": _rng_state(),
+        return {"step": self.step, "loader": self.train_loader.state_dict(), "rng": rng_state(),
                 "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
 
     def _save_interrupted(self) -> str:
@@ -558,116 +471,54 @@ class Trainer:
     def _load_adapter(self, adapter_dir: str) -> None:
         load_adapter(self.model, adapter_dir)
 
-    # ---- checkpoints -------------------------------------------------------------------------------------------
-    def fingerprint(self) -> dict:
-        """What a checkpoint must agree with to be resumed: model shape, LoRA config, trainable tensors, data order."""
-        c = getattr(self.model, "config", None)
-        model_cfg = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("name", "torch_dtype")} \
-            if dataclasses.is_dataclass(c) else None
-        lc = self.lora_config
-        return {"model_config": model_cfg, "base": {"checksum": self._base_checksum()},
-                "lora": {"r": lc.r, "alpha": float(lc.alpha), "dropout": float(lc.dropout),
-                         "targets": sorted(lc.targets), "use_rslora": lc.use_rslora},
-                "trainable": [[n, list(p.shape)] for n, p in self.params],
-                "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.cfg.to_dict().items()
-                          if k in RESUME_FIXED}}
+    # ---- files (qlora70.train_state.RunDir; the distributed trainer writes on rank 0 only) ------------------------
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        self.run_dir.append_metrics(rec)
 
-    def _base_checksum(self, n_tensors: int = 4, n_samples: int = 4096) -> str:
-        """A cheap hash of the frozen base weights: evenly spaced samples of the first and last few tensors (catches
-        resuming onto another checkpoint of the same shape, e.g. base vs. chat weights)."""
-        import hashlib
+    def _truncate_metrics(self, step: int) -> None:
+        self.history = self.run_dir.truncate_metrics(step)
 
-        frozen = [(n, t) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
-                  if not t.requires_grad and ".lora_" not in n and t.numel() > 0]
-        h = hashlib.sha256()
-        for name, t in frozen[:n_tensors] + frozen[-n_tensors:]:
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // n_samples)][:n_samples]
-            h.update(name.encode())
-            h.update(sample.float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+    def _plot(self) -> None:
+        self.run_dir.plot(self.history)
 
     def _latest_path(self) -> str | None:
         return latest_checkpoint(self.out_dir)
 
     def _find_checkpoint(self, resume: bool | str) -> str | None:
-        if isinstance(resume, str) and resume != "auto":
-            if not os.path.isdir(resume):
-                raise FileNotFoundError(f"resume: checkpoint directory {resume} does not exist")
-            return resume
-        latest = self._latest_path()
-        if resume is True and latest is None:
-            raise FileNotFoundError(f"resume=True but {self.ckpt_root} holds no checkpoint (latest.json)")
-        if resume is False:
-            if latest is not None:
-                raise ValueError(f"{self.out_dir} already holds a checkpoint ({latest}); resume from it "
-                                 "(resume='auto') or choose another out_dir")
-            return None
-        return latest
+        return self.run_dir.find_checkpoint(resume)
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must agree with to be resumed (`qlora70.train_state.fingerprint`), with the GLOBAL
+        micro-batch (micro_batch_size x world size): the data plan depends on that product only, so a checkpoint
+        resumes under any world size with the same product."""
+        return fingerprint(self.model, self.lora_config, self.params, self.cfg, self._checksum,
+                           micro_batch_size=self.cfg.micro_batch_size * self.world_size)
 
     def save_checkpoint(self, boundary: dict | None = None) -> str:
         """Write checkpoints/step-NNNNNN atomically and point latest.json at it; older step dirs are removed."""
         b = boundary or self._snapshot()
-        name = f"step-{self.step:06d}"
-        with atomic_dir(os.path.join(self.ckpt_root, name)) as tmp:
-            self._save_adapter(tmp)
-            osd = self.optimizer.state_dict()
-            tensors, meta = {}, {}
-            for i, st in osd["state"].items():
-                meta[str(i)] = {"step": st["step"]}
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        tensors[f"state.{i}.{k}"] = v
-            atomic_save_safetensors(tensors, os.path.join(tmp, "optimizer.safetensors"))
-            rng_t, rng_j = _rng_to_files(b["rng"])
-            atomic_save_safetensors(rng_t, os.path.join(tmp, "rng.safetensors"))
-            state = {"step": self.step, "epoch": b["epoch"], "micro_in_epoch": b["micro_in_epoch"],
-                     "tokens_seen": self.tokens_seen, "best_val": self.best_val, "best_step": self.best_step,
-                     "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "total_steps": self.total_steps,
-                     "warmup_steps": self.warmup_steps, "loader": b["loader"], "rng": rng_j,
-                     "optimizer": {"param_groups": osd["param_groups"], "state": meta, "optim_bits": osd["optim_bits"]},
-                     "fingerprint": self.fingerprint(), "train_config": self.cfg.to_dict()}
-            atomic_write_json(os.path.join(tmp, "trainer_state.json"), state, sort_keys=True)
-        atomic_write_json(os.path.join(self.ckpt_root, "latest.json"), {"dir": name, "step": self.step}, sort_keys=True)
-        for d in os.listdir(self.ckpt_root):
-            if d != name and (d.startswith("step-") or d.startswith(".tmp-")):
-                shutil.rmtree(os.path.join(self.ckpt_root, d), ignore_errors=True)
-        return os.path.join(self.ckpt_root, name)
+        state = {"step": self.step, "epoch": b["epoch"], "micro_in_epoch": b["micro_in_epoch"],
+                 "tokens_seen": self.tokens_seen, "best_val": self.best_val, "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "stopped_early": self.stopped_early, "total_steps": self.total_steps,
+                 "warmup_steps": self.warmup_steps, "loader": b["loader"], "fingerprint": self.fingerprint(),
+                 "train_config": self.cfg.to_dict()}
+        return self.run_dir.write_checkpoint(self.step, self._save_adapter, self.optimizer.state_dict(), b["rng"],
+                                             state)
 
     def _save_best(self) -> None:
-        with atomic_dir(os.path.join(self.out_dir, "best_adapter")) as tmp:
-            self._save_adapter(tmp)
-            atomic_write_json(os.path.join(tmp, "best.json"), {"step": self.step, "val_loss": self.best_val},
-                              sort_keys=True)
+        self.run_dir.save_best(self._save_adapter, self.step, self.best_val)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore adapter, optimizer, schedule position, data position and RNG from a checkpoint directory; raises
         ValueError when it belongs to another model, LoRA config or data-order setting."""
-        from safetensors.torch import load_file
-
-        spath = os.path.join(path, "trainer_state.json")
-        if not os.path.isfile(spath):
-            raise FileNotFoundError(f"{spath} not found: {path} is not a complete trainer checkpoint")
-        with open(spath, encoding="utf-8") as fh:
-            state = json.load(fh)
-        saved, mine = state["fingerprint"], self.fingerprint()
-        diffs = []
-        for section in ("model_config", "base", "lora", "train"):
-            a, b = saved.get(section) or {}, mine.get(section) or {}
-            diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if a.get(k) != b.get(k)]
-        if not diffs and saved["trainable"] != mine["trainable"]:
-            diffs.append("the trainable LoRA tensors (names/shapes) differ")
+        state = self.run_dir.read_state(path)
+        diffs = fingerprint_diffs(state["fingerprint"], self.fingerprint())
         if diffs:
             raise ValueError(f"cannot resume from {path}: it was written for another model / LoRA config / data "
                              f"setting ({'; '.join(diffs[:6])}). Use a fresh out_dir or the original settings")
         self._load_adapter(path)
-        opt_t = load_file(os.path.join(path, "optimizer.safetensors"))
-        o = state["optimizer"]
-        osd = {"param_groups": o["param_groups"], "optim_bits": o["optim_bits"], "state": {}}
-        for i, m in o["state"].items():
-            osd["state"][int(i)] = {"step": m["step"], **{k[len(f"state.{i}."):]: v for k, v in opt_t.items()
-                                                       if k.startswith(f"state.{i}.")}}
+        osd, rng = self.run_dir.read_optimizer_and_rng(path, state)
         self.optimizer.load_state_dict(osd)
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
         self.tokens_seen, self.best_val, self.best_step = state["tokens_seen"], state["best_val"], state["best_step"]
@@ -676,5 +527,5 @@ class Trainer:
             log.warning("resume: total steps changed from %d to %d (schedule follows the new total)",
                         state["total_steps"], self.total_steps)
         self.train_loader.load_state_dict(state["loader"])
-        _set_rng_state(_rng_from_files(load_file(os.path.join(path, "rng.safetensors")), state["rng"]))
+        set_rng_state(rng)
         self._truncate_metrics(self.step)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora70 import LlamaConfig
+from conftest import normal_init, tiny_llama
 from qlora70.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,19 +30,13 @@ def tiny_model(tmp_path_factory):
     """A random tiny Llama in HF format with a sentencepiece tokenizer.model beside it."""
     spm = pytest.importorskip("sentencepiece")
     from qlora70.checkpoint import save_hf
-    from qlora70.model import Llama
 
     d = tmp_path_factory.mktemp("tiny_hf")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=_sentences(), model_writer=buf, model_type="bpe",
                                    vocab_size=400, byte_fallback=True, character_coverage=0.999, unk_id=0, bos_id=1,
                                    eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    torch.manual_seed(0)
-    cfg = LlamaConfig.from_name("tiny", vocab_size=416, max_position_embeddings=512)
-    m = Llama(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05)
+    m = tiny_llama(0, init=normal_init(0.05), eval=False, vocab_size=416, max_position_embeddings=512)
     save_hf(m, d, dtype=torch.float32, progress=False)
     (d / "tokenizer.model").write_bytes(buf.getvalue())
     return d
@@ -147,6 +141,7 @@ def test_train_nproc2_equals_one_process(tiny_model, tmp_path):
 
 
 def test_rerun_into_a_used_out_dir_fails_fast_and_default_dirs_step_aside(tmp_path):
+    from qlora70.config import RunConfig
     from qlora70.run import free_run_dir, run_experiment
     def fake_run(d):  # the layout Trainer.save_checkpoint leaves
         (d / "checkpoints" / "step-000030").mkdir(parents=True)
@@ -155,10 +150,92 @@ def test_rerun_into_a_used_out_dir_fails_fast_and_default_dirs_step_aside(tmp_pa
     used = tmp_path / "runs" / "demo"
     fake_run(used)
     with pytest.raises(ValueError, match=r"already holds a training run .* --resume"):
-        run_experiment({}, [], str(used), eval_specs=[])  # raised before any model or data is touched
+        run_experiment(RunConfig(), [], str(used), eval_specs=[])  # raised before any model or data is touched
     assert free_run_dir(str(used)) == f"{used}-2"
     (tmp_path / "runs" / "demo-2" / "checkpoints").mkdir(parents=True)
     assert free_run_dir(str(used)) == f"{used}-2"  # an empty checkpoints dir is not a run
     fake_run(tmp_path / "runs" / "demo-2")
     assert free_run_dir(str(used)) == f"{used}-3"
     assert free_run_dir(str(tmp_path / "fresh")) == str(tmp_path / "fresh")
+
+
+# ---- issue 19: what a new user tripped on ------------------------------------------------------------------------
+PUBMEDQA = REPO / "data" / "pubmedqa"
+
+
+def _small_pubmedqa(d: Path, n: int = 4, ground_truth: bool = False) -> Path:
+    recs = json.loads((PUBMEDQA / "ori_pqal.json").read_text())
+    keep = dict(list(recs.items())[:n])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ori_pqal.json").write_text(json.dumps(keep))
+    if ground_truth:
+        (d / "test_ground_truth.json").write_text(json.dumps({k: v["final_decision"] for k, v in keep.items()}))
+    return d
+
+
+def test_pubmedqa_without_ground_truth_fails_and_names_the_way_out(tiny_model, tmp_path, capsys):
+    d = _small_pubmedqa(tmp_path / "pq")
+    assert main(["eval", "--model", str(tiny_model), "--task", "pubmedqa", "--data", str(d), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "test_ground_truth.json" in err and "--split all" in err
+    out = tmp_path / "rep"
+    assert main(["eval", "--model", str(tiny_model), "--task", "pubmedqa", "--data", str(d), "--split", "all",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rep = json.loads((out / "eval_pubmedqa.json").read_text())
+    assert rep["n_scored"] == 4 and rep["split"].startswith("all labelled items of ori_pqal.json (4 records")
+    assert "Split scored: all labelled items" in capsys.readouterr().out
+    _small_pubmedqa(d, ground_truth=True)
+    assert main(["eval", "--model", str(tiny_model), "--task", "pubmedqa", "--data", str(d), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert json.loads((out / "eval_pubmedqa.json").read_text())["split"] == "test (test_ground_truth.json, 4 PMIDs)"
+    assert main(["eval", "--model", str(tiny_model), "--task", "medqa", "--data", str(MEDQA), "--split", "all"]) == 1
+    assert "--split applies to --task pubmedqa only" in capsys.readouterr().err
+
+
+def test_default_validation_split_on_a_small_file(tiny_model, tmp_path, capsys):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(json.loads(MEADOW.read_text())[:24]))
+    run = tmp_path / "run"  # the sm70 preset: a 1% validation split, 24 entries -> rounds to 0 -> 1 entry held out
+    assert main(["train", "--model", str(tiny_model), "--data", str(small), "--out", str(run), "--max-steps", "1",
+                 "--seq-len", "64", "--batch-size", "2", "--micro-batch-size", "2", "--eval", "none",
+                 "--device", "cpu"]) == 0
+    assert "validation fraction 0.01 of 24 entries rounds to 0; holding out 1 entry" in capsys.readouterr().out
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["data"]["n_val"] == 1 and rep["data"]["n_train"] == 23 and rep["after"] == {}
+    assert json.loads((run / "run_config.json").read_text())["run"]["eval"] == []
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for args in (["train", "--model", "m", "--data", str(MEADOW), "--out", str(f)],
+                 ["eval", "--model", "m", "--task", "medqa", "--data", str(MEDQA), "--out", str(f)]):
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--out {f} is an existing file; --out must be a directory" in err
+        assert "Errno" not in err
+
+
+def test_train_eval_tasks(tiny_model, tmp_path, capsys):
+    assert main(["train", "--model", "m", "--data", str(MEADOW), "--out", str(tmp_path / "x"),
+                 "--eval", "medqa,nope"]) == 1
+    assert "--eval 'medqa,nope': choose a comma list of medqa, pubmedqa, usmle, or none" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model), "--data", str(MEADOW), "--out", str(run), "--preset", "demo",
+                 "--max-steps", "1", "--seq-len", "64", "--batch-size", "2", "--micro-batch-size", "2",
+                 "--val-size", "0", "--eval", "medqa", "--eval-limit", "2", "--device", "cpu"]) == 0
+    rep = json.loads((run / "report.json").read_text())
+    assert list(rep["after"]) == ["medqa"] and rep["after"]["medqa"]["n_scored"] == 2
+    assert list(rep["contamination"]["per_task"]) == ["medqa"]
+
+
+def test_bad_hyperparameter_fails_before_anything_heavy_loads():
+    """A bad --lr (or any value) is rejected while building the RunConfig: before torch, the model or the data."""
+    code = ("import sys, time; t = time.perf_counter(); from qlora70.cli import main; "
+            "rc = main(['train', '--model', '/no/model', '--data', '/no/data', '--out', '/tmp/q70-x', '--lr', '-1']); "
+            "print(rc, 'torch' in sys.modules, f'{time.perf_counter() - t:.2f}')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    rc, torch_loaded, _ = r.stdout.split()
+    assert rc == "1" and torch_loaded == "False", r.stdout + r.stderr
+    assert "TrainConfig.lr must be > 0, got -1.0" in r.stderr and len(r.stderr.strip().splitlines()) == 1

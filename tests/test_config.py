@@ -76,3 +76,39 @@ def test_lora_scale():
     assert LoRAConfig(r=64, alpha=16).scale == 0.25
     assert LoRAConfig(r=64, alpha=16, use_rslora=True).scale == 2.0
     assert LoRAConfig(targets="q_proj").targets == ("q_proj",)
+
+
+def test_run_config_validates_before_loading_and_names_the_field():
+    from qlora70.config import TEMPLATE_NAMES, EvalConfig, RunConfig, parse_eval_tasks
+    from qlora70.data.templates import TEMPLATES
+
+    assert set(TEMPLATE_NAMES) == set(TEMPLATES)  # the config's names are the data module's templates
+    for kw, needle in [(dict(template="alpaca"), "RunConfig.template"), (dict(val_size=1.5), "RunConfig.val_size"),
+                       (dict(val_size=-0.1), "RunConfig.val_size"), (dict(device="gpu"), "RunConfig.device")]:
+        with pytest.raises(ValueError, match=needle):
+            RunConfig(**kw)
+    with pytest.raises(ValueError, match="EvalConfig.limit"):
+        EvalConfig(limit=0)
+    with pytest.raises(ValueError, match="EvalConfig.tasks"):
+        EvalConfig(tasks=("medqa", "mmlu"))
+    assert parse_eval_tasks(None) is None and parse_eval_tasks("none") == ()
+    assert parse_eval_tasks("pubmedqa, medqa,medqa") == ("pubmedqa", "medqa")
+    assert RunConfig(val_size=48).flat()["val_size"] == 48
+
+
+def test_presets_are_run_configs_and_flags_replace_fields():
+    import argparse
+
+    from qlora70.config import RunConfig
+    from qlora70.recipe import PRESETS, add_train_args, run_config_from_args
+
+    assert all(isinstance(p, RunConfig) for p in PRESETS.values())
+    ap = argparse.ArgumentParser()
+    add_train_args(ap)
+    cfg = run_config_from_args(ap.parse_args(["--preset", "demo", "--lr", "1e-3", "--epochs", "2.5", "--no-paged",
+                                              "--eval", "medqa"]), "runs/x")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.paged, cfg.train.max_steps) == (1e-3, 3, False, 30)
+    assert cfg.eval.tasks == ("medqa",) and cfg.eval.limit == 100 and cfg.val_size == 48 and cfg.train.out_dir == "runs/x"
+    assert PRESETS["demo"].train.lr == 3e-4  # the preset itself is untouched
+    with pytest.raises(ValueError, match="TrainConfig.batch_size=10 must be a multiple of micro_batch_size=4"):
+        run_config_from_args(ap.parse_args(["--preset", "demo", "--batch-size", "10"]), "runs/x")

@@ -345,7 +345,7 @@ def test_packing_keeps_examples_apart(dataset):
 
 
 def test_packed_rows_through_our_llama_equal_separate_examples(dataset):
-    model_mod = pytest.importorskip("qlora70.model")
+    from qlora70 import model as model_mod
     from qlora70.config import LlamaConfig
 
     torch.manual_seed(0)

@@ -17,9 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import tiny_llama
 from qlora70.config import LlamaConfig, LoRAConfig, TrainConfig
 from qlora70.data import TokenizedData
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 from qlora70.trainer import Trainer
 
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0)
@@ -34,8 +35,7 @@ def _free_port() -> int:
 
 
 def build_model() -> Llama:
-    torch.manual_seed(0)
-    return quantize_model_(Llama(LlamaConfig.from_name("tiny")))
+    return tiny_llama(0, quantize=True, eval=False)
 
 
 def build_data(n: int = 40, seed: int = 0, V: int = 512) -> TokenizedData:

@@ -190,7 +190,7 @@ def test_option_mode_raw_and_normalized(tok, hf):
 
 
 def test_our_llama_gives_the_same_letter_scores(tok, hf):
-    model_mod = pytest.importorskip("qlora70.model")
+    from qlora70 import model as model_mod
     from qlora70.config import LlamaConfig
 
     c = hf.config

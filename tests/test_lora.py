@@ -9,25 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from qlora70 import ops
-from qlora70.config import LlamaConfig, LoRAConfig
+from qlora70.config import LoRAConfig
 from qlora70.layers import Linear4bit
 from qlora70.lora import (LoRALinear, get_lora_config, inject_lora, load_adapter, lora_modules, merge_lora,
                           save_adapter)
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 from qlora70.nf4 import quantize_nf4
 
 
 
 
 def tiny_llama(seed: int = 0, quantize: bool = False, **overrides) -> Llama:
-    torch.manual_seed(seed)
-    m = Llama(LlamaConfig.from_name("tiny", **overrides))
-    with torch.no_grad():  # nn.Embedding/Linear defaults are fine; make norms non-trivial so they matter
-        for n, p in m.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return quantize_model_(m) if quantize else m.eval()
+    """conftest's builder with norms that matter (nn.Embedding/Linear defaults are fine)."""
+    return conftest.tiny_llama(seed, quantize=quantize, init=conftest.uniform_norms, eval=not quantize, **overrides)
 
 
 def randomize_b(model: nn.Module, seed: int = 1) -> None:
@@ -318,7 +314,7 @@ def test_nf4_linear_backward_matches_dense(shape):
 @pytest.mark.parametrize("fmt", ["hf", "bnb4", "gguf"])
 def test_save_merged_loads_back(tmp_path, fmt):
     from qlora70.checkpoint import load_model
-    from qlora70.lora import save_merged
+    from qlora70.checkpoint import save_merged
 
     m = tiny_llama(quantize=True)
     inject_lora(m, LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "gate_proj")))
@@ -389,7 +385,7 @@ def test_keep_base_outputs_checkpointing_matches_and_skips_base_recompute(four_b
     """Selective recomputation: same grads as no checkpointing, and each base layer runs once (not twice)."""
     from torch.utils.checkpoint import checkpoint
 
-    from qlora70.lora import keep_base_outputs_context_fn
+    from qlora70.recompute import keep_base_outputs_context_fn
 
     def build():
         torch.manual_seed(0)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import normal_init, tiny_config, tiny_llama
 from qlora70.config import LlamaConfig
 from qlora70.layers import Linear4bit
 from qlora70.model import KVCache, Llama, count_parameters, quantize_model_, set_gradient_checkpointing
@@ -11,19 +12,12 @@ from qlora70.model import KVCache, Llama, count_parameters, quantize_model_, set
 
 
 def tiny(**kw) -> LlamaConfig:
-    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
-    base.update(kw)
-    return LlamaConfig(**base)
+    return tiny_config(**{"vocab_size": 97, "intermediate_size": 96, "max_position_embeddings": 128, "name": "custom",
+                          **kw})
 
 
 def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    m = Llama(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.normal_(1.0 if "norm" in n else 0.0, 0.1 if "norm" in n else 0.2)
-    return m.eval()
+    return tiny_llama(seed, init=normal_init(0.2, 0.1), config=cfg)
 
 
 def hf_twin(m: Llama):
@@ -186,7 +180,7 @@ def test_gradient_checkpointing_same_grads_and_fewer_saved(quant, monkeypatch):
 
 
 def test_keep_base_outputs_policy_with_lora():
-    lora = pytest.importorskip("qlora70.lora")
+    from qlora70 import lora
     from qlora70.config import LoRAConfig
 
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(9))

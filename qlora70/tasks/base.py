@@ -59,6 +59,11 @@ class TaskData:
     excluded: list[Excluded] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     label_words: bool = False  # True when labels are answer words (PubMedQA), False when letters
+    split: str = ""  # which part of the benchmark the items are (reports always state it); "" -> the file names
+
+    def split_name(self) -> str:
+        """What was loaded, for reports: `split` if the loader set it, else the data file names."""
+        return self.split or ", ".join(os.path.basename(f) for f in self.files)
 
     def exclude(self, id: str, reason: str) -> None:
         self.excluded.append(Excluded(str(id), reason))

@@ -6,6 +6,9 @@
   labels are its values (the official 500-item test set).
 - optional split file (`test_set.json`, `pqal_fold0_train_set.json`, ...): only its PMIDs are used (a dict keyed by
   PMID or a list of PMIDs); labels come from the split's own records when they carry `final_decision`.
+  `split="all"` scores every labelled record of `ori_pqal.json` (training, dev and test mixed) on purpose.
+A directory without `test_ground_truth.json` (and no `split`) is an error: the scope of a benchmark never widens
+silently. `TaskData.split` says what was loaded; every report states it.
 Ids are the PMIDs. Labels are the words yes/no/maybe (`TaskData.label_words` is True).
 """
 from __future__ import annotations
@@ -23,8 +26,16 @@ def load_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
     """Load PubMedQA items. `path` is a file in the ori_pqal layout or a directory holding `ori_pqal.json`
     (with `test_ground_truth.json` beside it used as the ground truth when `ground_truth` is not given)."""
     p = check_file(path, "PubMedQA")
+    score_all = split is not None and os.fspath(split) == "all"
+    if score_all:
+        split = None
     if p.is_dir():
-        if ground_truth is None and split is None and (p / "test_ground_truth.json").exists():
+        if ground_truth is None and split is None and not score_all:
+            if not (p / "test_ground_truth.json").exists():
+                raise ValueError(f"PubMedQA: {p} has no test_ground_truth.json, so its test split is unknown; add "
+                                 "that file (the official test labels), pass a split file (--split FILE), or score "
+                                 "all labelled items of ori_pqal.json (training, dev and test mixed) on purpose with "
+                                 "--split all")
             ground_truth = p / "test_ground_truth.json"
         p = check_file(p / "ori_pqal.json", "PubMedQA")
     records = read_json(p, "PubMedQA")
@@ -58,6 +69,15 @@ def load_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
             raise ValueError(f"PubMedQA split: {sp} must be a JSON object keyed by PMID or a list of PMIDs")
         data.files.append(str(sp))
         keys = [k for k in split_keys if ground_truth is None or k in set(keys)]
+    if ground_truth is not None:
+        data.split = f"test ({Path(data.files[1]).name}, {len(keys)} PMIDs)"
+        if split is not None:
+            data.split += f" within split {Path(data.files[-1]).name}"
+    elif split is not None:
+        data.split = f"split {Path(data.files[-1]).name} ({len(keys)} PMIDs)"
+    else:
+        data.split = (f"all labelled items of {p.name} ({len(keys)} records: training, dev and test mixed)" if score_all
+                      else f"{p.name} as given ({len(keys)} records)")
 
     for pmid in keys:
         rec = records.get(pmid)
