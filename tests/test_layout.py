@@ -26,7 +26,7 @@ ORDER = (
     "checkpoint", "losses", "optim",
     "tasks.base", "tasks.mcq", "tasks.medqa", "tasks.pubmedqa", "tasks.usmle", "tasks",
     "data.entries", "data.templates", "data.tokenized", "data.batching", "data.contamination", "data",
-    "prompts", "scoring", "train_state", "trainer", "distributed", "metrics", "evaluate",
+    "prompts", "scoring", "train_state", "trainer", "distributed", "metrics", "metrics_plots", "metrics_lmeval", "metrics_report", "evaluate",
     "planner", "recipe", "run", "cli",
     "__init__",
 )
