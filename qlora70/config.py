@@ -215,7 +215,8 @@ class TrainConfig:
     # 4x256 tokens, +13.7 GB bf16 for Llama-2-70B at 1x1024) for ~20% less compute; "auto": keep on CPU, full on CUDA
     checkpoint_policy: str = "auto"
     optim_bits: int = 32  # 32 | 8
-    paged: bool = True
+    paged: bool = True  # optimizer states on the GPU when they fit, else offloaded (False: always on the GPU)
+    optim_offload: bool = False  # always offload optimizer states to pinned host memory (qlora70.optim)
     group_by_length: bool = True
     packing: bool = False
     chunk_size: int = 1024  # rows per chunk of the chunked cross-entropy

@@ -422,7 +422,8 @@ class DistributedTrainer(Trainer):
         super().__init__(model, cfg, train_data, val_data, lora_config=lora_config, **kw)
         self.optimizer = ShardedOptimizer([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas,
                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                          optim_bits=cfg.optim_bits, paged=cfg.paged)
+                                          optim_bits=cfg.optim_bits, paged=cfg.paged,
+                                          offload=cfg.optim_offload)
         self.accum = cfg.batch_size // (cfg.micro_batch_size * self.world_size)
         self.steps_per_epoch = max(1, -(-len(self.train_loader) // self.accum))
         self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.steps_per_epoch

@@ -168,8 +168,9 @@ class PagedAdamW(torch.optim.Optimizer):
             free, total = torch.cuda.mem_get_info(dev)
             choice = choose_placement(need, free, total)
             self._decided[dev] = choice
-            log.info("PagedAdamW placement on %s: %s (states %.2f GiB, driver free %.2f GiB of %.2f GiB, margin "
-                     "%.2f GiB)", dev, choice, need / _GiB, free / _GiB, total / _GiB, placement_margin(total) / _GiB)
+            (log.warning if choice == "offload" else log.info)(  # offloading costs PCIe time every step: say so
+                "PagedAdamW placement on %s: %s (states %.2f GiB, driver free %.2f GiB of %.2f GiB, margin "
+                "%.2f GiB)", dev, choice, need / _GiB, free / _GiB, total / _GiB, placement_margin(total) / _GiB)
             for p in params:
                 if p.device == dev and self.state.get(p) and not self._offloaded(p):
                     st = self.state[p]

@@ -80,6 +80,7 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--eval-every", type=int)
     p.add_argument("--optim-bits", type=int, choices=[8, 32])
     p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
+    p.add_argument("--optim-offload", action="store_true", help="offload optimizer states to pinned host memory")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -99,6 +100,7 @@ def resolve_train_config(a: argparse.Namespace) -> dict[str, Any]:
     if getattr(a, "no_gradient_checkpointing", False):
         cfg["gradient_checkpointing"] = False
     cfg["offload"] = bool(getattr(a, "offload", False))
+    cfg["optim_offload"] = bool(getattr(a, "optim_offload", False))
     cfg["model"] = a.model or cfg.get("model")
     cfg["preset"] = a.preset or "sm70"
     cfg["seed"] = a.seed

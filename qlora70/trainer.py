@@ -201,7 +201,8 @@ class Trainer:
         self.total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * self.steps_per_epoch
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
         self.optimizer = PagedAdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                    weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
+                                    weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged,
+                                    offload=cfg.optim_offload)
         if cfg.gradient_checkpointing or cfg.offload:
             apply_gradient_checkpointing(model, cfg, self.device)
         # loop state (all of it goes into checkpoints)
