@@ -193,7 +193,7 @@ def _largest_micro_batch(cfg: LlamaConfig, gm: float, kw: dict) -> int:
     while lo <= 4096 and fits(lo):
         max_mb, lo = lo, lo * 2
     if max_mb:
-        hi = max_mb * 2
+        hi = min(max_mb * 2, 4097)
         while hi - max_mb > 1:
             mid = (max_mb + hi) // 2
             if fits(mid):
