@@ -147,7 +147,8 @@ try:
         f = lambda k: f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "-"
         lines += [f"tokens/s {f('tokens_per_s')}; steps s {[round(s, 2) for s in r['step_s']]}; losses {r['losses']}",
                   f"max allocated {f('max_allocated_gb')} GiB, max reserved {f('max_reserved_gb')} GiB, CUDA context "
-                  f"{f('cuda_context_gb')} GiB -> measured peak reserved + context {f('measured_peak_reserved_plus_context_gb')} GiB",
+                  f"{f('cuda_context_gb')} GiB -> measured peak reserved + context "
+                  f"{f('measured_peak_reserved_plus_context_gb')} GiB",
                   f"planner: {f('planned_total_gb')} GiB (placement {r['planned_placement']}), planned/measured "
                   f"{f('planned_over_measured')}; fits 80 GiB: measured {r.get('fits_80gb')}, planned "
                   f"{r['planned_fits_80gib']} ({f('planned_total_80gib_gb')} GiB)"]
@@ -248,7 +249,11 @@ if [ $DRY = 1 ]; then
         n=${s%%:*}; l=${s##*:}; total=$((total + l)); v="NEEDS_$n"
         printf '  %-14s %4ss  needs: %s\n' "$n" "$l" "${!v:-nvidia-smi, pip, the wheels}"
     done
-    if [ $total -le $BUDGET ]; then echo "limits sum to ${total}s <= ${BUDGET}s: ok"; else echo "limits sum to ${total}s > ${BUDGET}s: FAIL"; fail=1; fi
+    if [ $total -le $BUDGET ]; then
+        echo "limits sum to ${total}s <= ${BUDGET}s: ok"
+    else
+        echo "limits sum to ${total}s > ${BUDGET}s: FAIL"; fail=1
+    fi
     for f in "$HELP"/*.py; do
         if "$PY" -m py_compile "$f"; then echo "helper $(basename "$f") compiles: ok"; else fail=1; fi
     done
@@ -272,7 +277,11 @@ PYEOF
     bytes=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
     wbytes=$(cat "$WHEELS"/*.whl 2>/dev/null | wc -c)
     mib=$(( (bytes + wbytes) / 1048576 ))
-    if [ $mib -lt 64 ]; then echo "travelling tree ${mib} MiB (wheels $((wbytes / 1048576)) MiB) < 64 MiB: ok"; else echo "travelling tree ${mib} MiB >= 64 MiB: FAIL"; fail=1; fi
+    if [ $mib -lt 64 ]; then
+        echo "travelling tree ${mib} MiB (wheels $((wbytes / 1048576)) MiB) < 64 MiB: ok"
+    else
+        echo "travelling tree ${mib} MiB >= 64 MiB: FAIL"; fail=1
+    fi
     if install_wheels "$SITE"; then
         echo "offline wheel install (pip --no-index --find-links $WHEELS --target): ok"
     else
@@ -287,7 +296,8 @@ qlora70.__file__, '| qlora70.kernels from', k.__file__, '| gguf from', os.path.d
 bitsandbytes.__version__)" 2>&1 | grep -v "kernels-community\|get_kernel" ) || { echo "importability from $where: FAIL"; fail=1; }
     done
     echo "imports per step (this machine):"
-    ( cd "$scratch" && ensure_importable "$scratch" && TRITON_INTERPRET=1 import_checks 2>&1 | grep -v "kernels-community\|get_kernel" | sed 's/^/  /' )
+    ( cd "$scratch" && ensure_importable "$scratch" && TRITON_INTERPRET=1 import_checks 2>&1 \
+      | grep -v "kernels-community\|get_kernel" | sed 's/^/  /' )
     rm -rf "$scratch" "$SHIM" "$SITE"
     [ $fail = 0 ] && echo "dry run: ok" || echo "dry run: FAILED"
     exit $fail
@@ -306,7 +316,8 @@ preflight() {
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|accelerate|bitsandbytes|gguf|numpy|safetensors|sentencepiece|tokenizers|pytest) "
+    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|peft|accelerate|bitsandbytes|gguf|numpy|\
+safetensors|sentencepiece|tokenizers|pytest) "
     install_wheels "$SITE" && echo "wheels installed into $SITE"
     ensure_importable "$REPO"
     echo "PYTHONPATH=$PYTHONPATH"

@@ -95,6 +95,32 @@ def _optimizer_bytes(lora_params: int, largest: int, optim_bits: int, placement:
     return (lora_params * state_b if placement == "device" else 2 * largest * state_b) + decode
 
 
+def _activation_terms(cfg: LlamaConfig, shapes: dict[str, tuple[int, int]], B: int, T: int, cb: int, lora_r: int,
+                      targets: tuple[str, ...], gradient_checkpointing: bool, offload_checkpoints: bool,
+                      lora_dropout: float, ce_chunk: int | None) -> dict[str, float]:
+    """checkpoints, layer_work, lora_dropout and logits (bytes) for B x T tokens; see the module docstring."""
+    terms: dict[str, float] = {}
+    L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    act = B * T * D * cb
+    if gradient_checkpointing:
+        terms["checkpoints"] = 0.0 if offload_checkpoints else L * act
+        n_layers_live = 1
+    else:
+        terms["checkpoints"] = 0.0
+        n_layers_live = L
+    q_out = cfg.num_attention_heads * cfg.head_dim
+    kv_out = cfg.num_key_value_heads * cfg.head_dim
+    per_layer = (B * T * (2 * D + q_out * 2 + 2 * kv_out + 3 * cfg.intermediate_size) * cb  # activations kept
+                 + B * T * lora_r * len(targets) * cb                                    # LoRA A outputs
+                 + B * T * D * 4)                                                        # fp32 norm statistics
+    largest_w = max(o * i for o, i in shapes.values())
+    terms["layer_work"] = n_layers_live * per_layer + largest_w * cb + 2 * B * T * cfg.intermediate_size * cb
+    dropped = B * T * sum(shapes[t][1] for t in targets)  # elements of the dropped inputs of one layer
+    terms["lora_dropout"] = n_layers_live * dropped * (cb + 1) if lora_dropout > 0 else 0.0
+    terms["logits"] = (min(ce_chunk, B * T) * V * 4 * 2) if ce_chunk else B * T * V * (4 + 2)
+    return terms
+
+
 def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1, lora_r: int = 64,
                 targets: tuple[str, ...] = LLAMA_TARGETS, double_quant: bool = True, compute_dtype: str = "bf16",
                 gradient_checkpointing: bool = True, offload_checkpoints: bool = False, optim_bits: int = 32,
@@ -132,23 +158,8 @@ def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1
         "lora_bf16": lora_params * cb if cb < 4 else 0.0,
         "optimizer": 0.0,  # filled in below, once the placement is known
     }
-    act = B * T * D * cb
-    if gradient_checkpointing:
-        terms["checkpoints"] = 0.0 if offload_checkpoints else L * act
-        n_layers_live = 1
-    else:
-        terms["checkpoints"] = 0.0
-        n_layers_live = L
-    q_out = cfg.num_attention_heads * cfg.head_dim
-    kv_out = cfg.num_key_value_heads * cfg.head_dim
-    per_layer = (B * T * (2 * D + q_out * 2 + 2 * kv_out + 3 * cfg.intermediate_size) * cb  # activations kept
-                 + B * T * lora_r * len(targets) * cb                                    # LoRA A outputs
-                 + B * T * D * 4)                                                        # fp32 norm statistics
-    largest_w = max(o * i for o, i in shapes.values())
-    terms["layer_work"] = n_layers_live * per_layer + largest_w * cb + 2 * B * T * cfg.intermediate_size * cb
-    dropped = B * T * sum(shapes[t][1] for t in targets)  # elements of the dropped inputs of one layer
-    terms["lora_dropout"] = n_layers_live * dropped * (cb + 1) if lora_dropout > 0 else 0.0
-    terms["logits"] = (min(ce_chunk, B * T) * V * 4 * 2) if ce_chunk else B * T * V * (4 + 2)
+    terms.update(_activation_terms(cfg, shapes, B, T, cb, lora_r, targets, gradient_checkpointing,
+                                   offload_checkpoints, lora_dropout, ce_chunk))
 
     def finish(placement: str) -> dict[str, float]:
         t = dict(terms, optimizer=_optimizer_bytes(lora_params, largest_lora, optim_bits, placement))

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh and prepare_gpu_wheels.py, checked on the CPU: the plan fits its budget, the embedded Python
 helpers compile and summarize each step's figures, and the slimmed bitsandbytes wheel stays a consistent wheel.
-(The full `bash benchmarks/gpu_check.sh --dry-run` also installs the wheels and imports everything: ~45 s, run by hand.)"""
+(`bash benchmarks/gpu_check.sh --dry-run` also installs the wheels and imports everything: ~45 s, run by hand.)"""
 from __future__ import annotations
 
 import importlib.util

@@ -330,7 +330,8 @@ def test_int64_offsets_beyond_2_31_elements_cuda():
 
 
 @GPU
-def test_model_step_auto_backend_on_cuda(monkeypatch):
+@pytest.mark.parametrize("T", [6, 40])  # 12 tokens: the fused kernels (M <= FUSED_MAX_M); 80: dequant + cuBLAS
+def test_model_step_auto_backend_on_cuda(monkeypatch, T):
     """Model level on CUDA: a tiny NF4 Llama with LoRA, bf16 autocast, forward + backward with backend "auto" (which
     must resolve to the compiled Triton kernels) equals the torch reference backend."""
     from qlora70.config import LlamaConfig, LoRAConfig
@@ -341,7 +342,7 @@ def test_model_step_auto_backend_on_cuda(monkeypatch):
     monkeypatch.delenv("QLORA70_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert ops.get_backend("cuda") == "triton"
-    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
+    ids = torch.randint(3, 512, (2, T), generator=torch.Generator().manual_seed(5)).cuda()
     res = {}
     for backend in ("auto", "torch"):
         torch.manual_seed(0)

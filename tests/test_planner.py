@@ -66,9 +66,10 @@ def test_cli_plan(tmp_path, capsys):
     assert err.startswith("qlora70: error:") and "llama9-1t" in err and "Traceback" not in err
 
 
-# ---- the terms added for the GPU (hand-computed on the tiny config) ---------------------------------------------------
-# tiny: hidden 64, ffn 176, 2 layers, 4 heads x 16, 2 kv heads -> q (64, 64), k/v (32, 64), o (64, 64), gate/up (176, 64),
-# down (64, 176). LoRA r=8 on all 7: 8 x (128 + 96 + 96 + 128 + 240 + 240 + 240) = 9344 params per layer, 18688 in all.
+# ---- the terms added for the GPU (hand-computed on the tiny config) -------------------------------------------------
+# tiny: hidden 64, ffn 176, 2 layers, 4 heads x 16, 2 kv heads -> q (64, 64), k/v (32, 64), o (64, 64),
+# gate/up (176, 64), down (64, 176). LoRA r=8 on all 7: 8 x (128 + 96 + 96 + 128 + 240 + 240 + 240) = 9344 params
+# per layer, 18688 in all.
 TINY_LORA = 2 * 8 * (128 + 96 + 96 + 128 + 240 + 240 + 240)
 
 
