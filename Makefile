@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.qlora70-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench gpu-check gpu-wheels
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,27 @@ endif
 
 venv: $(STAMP)
 
-# TRITON_INTERPRET=1 lets the Triton kernels run on CPU (tests/test_kernels.py forces backend="triton");
+# With an NVIDIA GPU: the kernel tests run compiled on it (bf16, > 2^31 elements) and the model-level `auto` backend
+# test runs the Triton kernels inside a training step; nothing is interpreted.
+# Without one: TRITON_INTERPRET=1 lets the Triton kernels run on CPU (tests/test_kernels.py forces backend="triton");
 # the model-level tests use the torch reference backend, which is what auto picks on a CPU in real use.
+ifeq ($(HAS_GPU),1)
+TEST_ENV :=
+else
+TEST_ENV := TRITON_INTERPRET=1 QLORA70_BACKEND=torch
+endif
 test: $(STAMP)
-	TRITON_INTERPRET=1 QLORA70_BACKEND=torch $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(PY) examples/train_sm70.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The GPU machine's one command (see the header of benchmarks/gpu_check.sh); gpu-wheels prepares what it carries.
+gpu-wheels:
+	$(PYTHON) benchmarks/prepare_gpu_wheels.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh

@@ -23,6 +23,7 @@ arithmetic wrong). TRITON_INTERPRET must be set before this module is imported.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -204,24 +205,47 @@ def _check_weight(q: NF4Weight, who: str) -> None:
         raise ValueError(f"{who}: blocksize must be even, got {q.blocksize}")
 
 
-_LUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_LUT_BY_CONTENT: dict[tuple[torch.device, bytes], torch.Tensor] = {}  # (device, fp32 bytes of the table) -> LUT
+_LUT_MEMO: dict[int, tuple[weakref.ref, int, tuple[torch.device, bytes]]] = {}  # id(table) -> (ref, _version, key)
+
+
+def clear_lut_cache() -> None:
+    """Forget every pair table (needed only after a quant_map was changed without a torch op seeing it)."""
+    _LUT_BY_CONTENT.clear()
+    _LUT_MEMO.clear()
+
+
+def _table_key(quant_map: torch.Tensor) -> tuple[torch.device, bytes]:
+    """(device, the table's fp32 bytes). Reading the 64 bytes of a CUDA table synchronizes the stream, so the key of
+    each table tensor is remembered while that tensor object lives and its in-place version is unchanged."""
+    memo = _LUT_MEMO.get(id(quant_map))
+    if memo is not None and memo[0]() is quant_map and memo[1] == quant_map._version:
+        return memo[2]
+    key = (quant_map.device, quant_map.detach().reshape(-1).float().cpu().numpy().tobytes())
+    if len(_LUT_MEMO) >= 4096:
+        for k in [k for k, m in _LUT_MEMO.items() if m[0]() is None]:
+            del _LUT_MEMO[k]
+        if len(_LUT_MEMO) >= 4096:
+            _LUT_MEMO.clear()
+    _LUT_MEMO[id(quant_map)] = (weakref.ref(quant_map), quant_map._version, key)
+    return key
 
 
 def _pair_lut(quant_map: torch.Tensor) -> torch.Tensor:
     """fp32 [256, 2]: (quant_map[b >> 4], quant_map[b & 15]) for every byte b, so a kernel decodes both codes of a
-    byte with one 8-byte lookup. Cached per (storage address, version) of the quant_map tensor; the cache holds a
-    reference to that tensor, so its address cannot be reused by another tensor while the entry lives, and an in-place
-    change bumps the version."""
-    key = (quant_map.device, quant_map.data_ptr(), quant_map._version)
-    hit = _LUTS.get(key)
-    if hit is not None:
-        return hit[1]
-    if len(_LUTS) >= 8192:
-        _LUTS.clear()
-    qm = quant_map.reshape(-1).float()
-    b = torch.arange(256, device=quant_map.device)
-    lut = torch.stack([qm[b >> 4], qm[b & 15]], dim=1).contiguous()  # (256, 2)
-    _LUTS[key] = (quant_map, lut)
+    byte with one 8-byte lookup. Cached by the table's CONTENT (and device): every layer's NF4 table shares one LUT, and
+    a new or changed table never hits another table's entry, whatever its address (FSDP's all-gather re-allocates the
+    tables at every step and reuses addresses across layers). A table changed behind torch's back (no in-place op,
+    e.g. through numpy or under `_unsafe_preserve_version_counter`) keeps its old LUT until `clear_lut_cache()`."""
+    key = _table_key(quant_map)
+    lut = _LUT_BY_CONTENT.get(key)
+    if lut is None:
+        if len(_LUT_BY_CONTENT) >= 64:
+            _LUT_BY_CONTENT.clear()
+        qm = quant_map.detach().reshape(-1).float()
+        b = torch.arange(256, device=quant_map.device)
+        lut = torch.stack([qm[b >> 4], qm[b & 15]], dim=1).contiguous()  # (256, 2)
+        _LUT_BY_CONTENT[key] = lut
     return lut
 
 

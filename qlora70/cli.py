@@ -245,6 +245,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--optim-bits", type=int, choices=[8, 32], default=32)
     p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
+    p.add_argument("--optim-offload", action="store_true", help="offload optimizer states to pinned host memory")
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--json", help="also write the plan as JSON here")
@@ -265,6 +266,7 @@ def cmd_plan(a) -> int:
     p = plan_memory(cfg, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
                     double_quant=not a.no_double_quant, gradient_checkpointing=not a.no_gradient_checkpointing,
                     offload_checkpoints=a.offload, optim_bits=a.optim_bits, paged=not a.no_paged,
+                    optim_offload=a.optim_offload,
                     gpu_memory=a.gpu_memory)
     print(f"model {cfg.name}: {cfg.num_params() / 1e9:.2f}B params; seq {a.seq_len}, micro-batch {a.micro_batch_size}, "
           f"LoRA r={a.lora_r}")

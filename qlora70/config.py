@@ -226,7 +226,8 @@ class TrainConfig:
     # 4x256 tokens, +13.7 GB bf16 for Llama-2-70B at 1x1024) for ~20% less compute; "auto": keep on CPU, full on CUDA
     checkpoint_policy: str = "auto"
     optim_bits: int = 32  # 32 | 8
-    paged: bool = True
+    paged: bool = True  # optimizer states on the GPU when they fit, else offloaded (False: always on the GPU)
+    optim_offload: bool = False  # always offload optimizer states to pinned host memory (qlora70.optim)
     group_by_length: bool = True
     packing: bool = False
     chunk_size: int = 1024  # rows per chunk of the chunked cross-entropy
@@ -366,7 +367,7 @@ class RunConfig:
                 "seq_len": t.seq_len, "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size,
                 "epochs": t.epochs, "max_steps": t.max_steps, "lr": t.lr, "lora_r": lo.r, "lora_alpha": lo.alpha,
                 "lora_dropout": lo.dropout, "warmup_ratio": t.warmup_ratio, "lr_schedule": t.lr_schedule,
-                "max_grad_norm": t.max_grad_norm, "paged": t.paged, "optim_bits": t.optim_bits,
+                "max_grad_norm": t.max_grad_norm, "paged": t.paged, "optim_offload": t.optim_offload, "optim_bits": t.optim_bits,
                 "gradient_checkpointing": t.gradient_checkpointing, "offload": t.offload,
                 "eval_each_epoch": self.eval.each_epoch, "eval_limit": self.eval.limit,
                 "eval": None if self.eval.tasks is None else list(self.eval.tasks), "val_size": self.val_size,

@@ -421,7 +421,8 @@ class DistributedTrainer(Trainer):
     def _make_optimizer(self, params: list[torch.Tensor]) -> "ShardedOptimizer":
         cfg = self.cfg
         return ShardedOptimizer(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged)
+                                weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged,
+                                offload=cfg.optim_offload)
 
     # ---- data: deal global batches to ranks --------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):

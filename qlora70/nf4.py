@@ -70,13 +70,16 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_map(device: str) -> torch.Tensor:
-    return create_dynamic_map(signed=True).to(device)
+def _dynamic_map(device: str, signed: bool = True) -> torch.Tensor:
+    return create_dynamic_map(signed=signed).to(device)
 
 
 @functools.lru_cache(maxsize=None)
 def _midpoints(kind: str, device: str) -> torch.Tensor:
-    code = NF4_CODES if kind == "nf4" else create_dynamic_map(signed=True)
+    """Midpoints between adjacent codes of "nf4", "dynamic" (signed map) or "dynamic_unsigned"."""
+    if kind not in ("nf4", "dynamic", "dynamic_unsigned"):
+        raise ValueError(f"unknown code table {kind!r}")
+    code = NF4_CODES if kind == "nf4" else create_dynamic_map(signed=kind == "dynamic")
     return ((code[:-1] + code[1:]) / 2).to(device)
 
 
@@ -101,11 +104,17 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int, clamp_tail: bool = Tru
 
 
 def _quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
-                    chunk: int = 1 << 22) -> torch.Tensor:
-    """Nearest-code indices (uint8) of flat fp32 values scaled blockwise by 1/absmax; ties go to the lower code."""
+                    chunk: int = 1 << 22, divide: bool = False) -> torch.Tensor:
+    """Nearest-code indices (uint8) of flat fp32 values scaled blockwise by 1/absmax; ties go to the lower code.
+
+    One clamp convention: the scale is max(absmax, 1e-38), so an all-zero block maps every element to the code of 0.
+    `divide=False` multiplies by the reciprocal (bitsandbytes' quantize_blockwise / 4-bit kernels); `divide=True`
+    divides by the scale (bitsandbytes' 8-bit optimizer kernels). The two can differ by one ulp before rounding."""
     n = flat.numel()
     out = torch.empty(n, dtype=torch.uint8, device=flat.device)
-    inv = 1.0 / absmax.clamp(min=1e-38)
+    scale = absmax.clamp(min=1e-38)
+    factor = scale if divide else 1.0 / scale
+    apply = torch.div if divide else torch.mul
     step = max(blocksize, (chunk // blocksize) * blocksize)
     for s in range(0, n, step):  # chunked: keeps the fp32 temporaries cache- and memory-friendly
         e = min(n, s + step)
@@ -114,28 +123,38 @@ def _quantize_codes(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, mi
         b0 = s // blocksize
         scaled = torch.empty_like(x)
         if nb_full:
-            scaled[: nb_full * blocksize] = (
-                x[: nb_full * blocksize].view(nb_full, blocksize) * inv[b0:b0 + nb_full, None]).view(-1)
+            scaled[: nb_full * blocksize] = apply(
+                x[: nb_full * blocksize].view(nb_full, blocksize), factor[b0:b0 + nb_full, None]).view(-1)
         if nb_full * blocksize < e - s:
-            scaled[nb_full * blocksize:] = x[nb_full * blocksize:] * inv[b0 + nb_full]
+            scaled[nb_full * blocksize:] = apply(x[nb_full * blocksize:], factor[b0 + nb_full])
         scaled.clamp_(-1.0, 1.0)
         out[s:e] = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
     return out
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization to the signed dynamic map (used for double quantization and 8-bit optimizer
-    states). x: fp32 [n] -> (codes uint8 [n], absmax fp32 [ceil(n / blocksize)])."""
+def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE, *, signed: bool = True,
+                            divide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization to the dynamic map, the one codec of the library: double quantization (signed,
+    reciprocal scale, byte-exact with bitsandbytes) and the 8-bit optimizer states (`qlora70.optim`: m signed, v
+    unsigned, `divide=True` as bitsandbytes' 8-bit optimizers). x: [n] -> (codes uint8 [n], absmax fp32
+    [ceil(n / blocksize)]); a partial last block uses its own elements' absmax."""
     flat = x.reshape(-1).float()
     absmax = _blockwise_absmax(flat, blocksize, clamp_tail=False)
-    codes = _quantize_codes(flat, absmax, blocksize, _midpoints("dynamic", str(flat.device)))
+    mids = _midpoints("dynamic" if signed else "dynamic_unsigned", str(flat.device))
+    codes = _quantize_codes(flat, absmax, blocksize, mids, divide=divide)
     return codes, absmax
 
 
+def dynamic_zero_code(signed: bool = True) -> int:
+    """The code whose value in the dynamic map is 0.0 (an all-zero 8-bit state)."""
+    return int(torch.argmin(create_dynamic_map(signed=signed).abs()))
+
+
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
-                              code_map: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of `quantize_blockwise_8bit`: fp32 [n] = code_map[codes] * absmax[i // blocksize]."""
-    cm = _dynamic_map(str(codes.device)) if code_map is None else code_map.float()
+                              code_map: torch.Tensor | None = None, *, signed: bool = True) -> torch.Tensor:
+    """Inverse of `quantize_blockwise_8bit`: fp32 [n] = code_map[codes] * absmax[i // blocksize] (code_map: the
+    dynamic map, signed or not, unless given)."""
+    cm = _dynamic_map(str(codes.device), signed) if code_map is None else code_map.float()
     vals = cm[codes.reshape(-1).long()]
     n = vals.numel()
     full = n - n % blocksize

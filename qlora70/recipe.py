@@ -73,6 +73,7 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--eval-every", type=int)
     p.add_argument("--optim-bits", type=int, choices=[8, 32])
     p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
+    p.add_argument("--optim-offload", action="store_true", help="offload optimizer states to pinned host memory")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -110,7 +111,8 @@ def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool 
         early_stopping_patience=getattr(a, "early_stopping", None),
         gradient_checkpointing=t.gradient_checkpointing and not getattr(a, "no_gradient_checkpointing", False),
         offload=bool(getattr(a, "offload", False)), optim_bits=given("optim_bits", t.optim_bits),
-        paged=t.paged and not getattr(a, "no_paged", False), out_dir=str(out_dir), progress=progress)
+        paged=t.paged and not getattr(a, "no_paged", False),
+        optim_offload=t.optim_offload or bool(getattr(a, "optim_offload", False)), out_dir=str(out_dir), progress=progress)
     lora = LoRAConfig(r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
                       dropout=float(given("lora_dropout", lo.dropout)))
     ev = EvalConfig(tasks=parse_eval_tasks(getattr(a, "eval", None)), limit=given("eval_limit", base.eval.limit),

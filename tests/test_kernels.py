@@ -239,6 +239,49 @@ def test_get_backend_triton_unavailable_is_an_error(monkeypatch):
         ops.get_backend("cpu")
 
 
+# ---- the pair lookup table cache (keyed by content) -----------------------------------------------------------------
+def test_lut_cache_shared_by_equal_tables():
+    from qlora70.nf4 import NF4_CODES
+    K.clear_lut_cache()
+    a, b = NF4_CODES.clone().to(DEV), NF4_CODES.clone().to(DEV)
+    assert a.data_ptr() != b.data_ptr()
+    la = K._pair_lut(a)
+    assert K._pair_lut(b) is la and len(K._LUT_BY_CONTENT) == 1  # two tables, one content: one LUT
+    byte = torch.arange(256, device=DEV)
+    assert torch.equal(la, torch.stack([a[byte >> 4], a[byte & 15]], 1))
+
+
+def test_lut_cache_never_serves_a_stale_table_at_the_same_address():
+    import numpy as np
+
+    from qlora70.nf4 import NF4_CODES
+    K.clear_lut_cache()
+    arr = NF4_CODES.numpy().copy()
+    first = torch.from_numpy(arr)  # version 0 at address X
+    l1 = K._pair_lut(first.to(DEV)) if DEV != "cpu" else K._pair_lut(first)
+    arr[:] = np.linspace(-2.0, 2.0, 16, dtype=np.float32)  # the memory at X changes behind torch's back
+    second = torch.from_numpy(arr)  # a new table: same address, same version (0), other content
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    l2 = K._pair_lut(second.to(DEV)) if DEV != "cpu" else K._pair_lut(second)
+    lin = torch.from_numpy(np.linspace(-2.0, 2.0, 16, dtype=np.float32))
+    assert l2 is not l1 and torch.equal(l2[0x1F].cpu(), torch.stack([lin[1], lin[15]]))
+    assert torch.equal(l1[0x1F].cpu(), torch.stack([NF4_CODES[1], NF4_CODES[15]]))  # the first LUT is unchanged
+    # an in-place torch op on a cached table bumps its version: the LUT follows the new content
+    t = NF4_CODES.clone().to(DEV)
+    before = K._pair_lut(t)
+    t.mul_(0.5)
+    after = K._pair_lut(t)
+    assert after is not before and torch.equal(after, before * 0.5)
+    # ... and a kernel launched with the changed table decodes with it
+    q = make_q((4, 64), 64, False)
+    q2 = NF4Weight(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=64,
+                   quant_map=q.quant_map.clone())
+    ref = K.dequantize(q2, torch.float32)
+    q2.quant_map.mul_(2.0)
+    assert torch.equal(K.dequantize(q2, torch.float32), 2 * ref)
+    assert torch.equal(K.dequantize(q2, torch.float32), dequantize_nf4(q2, torch.float32))
+
+
 # ---- CUDA only ------------------------------------------------------------------------------------------------------
 @GPU
 @pytest.mark.parametrize("shape,bs,dq", DEQ_CASES)
@@ -284,6 +327,39 @@ def test_int64_offsets_beyond_2_31_elements_cuda():
     dy[0, r0:] = 1.0
     dx = K.linear_backward_input(dy, q, fused=True)
     torch.testing.assert_close(dx.float(), w_tail.float().sum(0, keepdim=True), rtol=2e-2, atol=5e-2)
+
+
+@GPU
+@pytest.mark.parametrize("T", [6, 40])  # 12 tokens: the fused kernels (M <= FUSED_MAX_M); 80: dequant + cuBLAS
+def test_model_step_auto_backend_on_cuda(monkeypatch, T):
+    """Model level on CUDA: a tiny NF4 Llama with LoRA, bf16 autocast, forward + backward with backend "auto" (which
+    must resolve to the compiled Triton kernels) equals the torch reference backend."""
+    from qlora70.config import LlamaConfig, LoRAConfig
+    from qlora70.layers import Linear4bit
+    from qlora70.lora import inject_lora
+    from qlora70.model import Llama, quantize_model_
+
+    monkeypatch.delenv("QLORA70_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ops.get_backend("cuda") == "triton"
+    ids = torch.randint(3, 512, (2, T), generator=torch.Generator().manual_seed(5)).cuda()
+    res = {}
+    for backend in ("auto", "torch"):
+        torch.manual_seed(0)
+        model = quantize_model_(Llama(LlamaConfig.from_name("tiny"))).cuda()
+        inject_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.0))
+        for m in model.modules():
+            if isinstance(m, Linear4bit):
+                m.backend = backend
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        grads = [p.grad.float() for p in model.parameters() if p.requires_grad]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        res[backend] = (loss.detach(), grads)
+    torch.testing.assert_close(res["auto"][0], res["torch"][0], rtol=1e-2, atol=1e-2)
+    for a, b in zip(res["auto"][1], res["torch"][1]):
+        assert ((a - b).norm() / b.norm().clamp(min=1e-12)) < 3e-2
 
 
 # ---- the benchmark script -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 
 from qlora70 import LlamaConfig
 from qlora70.cli import main
-from qlora70.planner import GiB, parse_size, plan_memory
+from qlora70.planner import ALLOCATOR_SLACK, CUDA_CONTEXT, GiB, parse_size, plan_memory
 
 
 def test_terms_match_their_formulas_for_70b():
@@ -29,7 +29,8 @@ def test_scaling_and_switches():
     assert p4.terms["weights_4bit"] == p1.terms["weights_4bit"]
     assert plan_memory(cfg, offload_checkpoints=True).terms["checkpoints"] == 0
     assert plan_memory(cfg, paged=False).terms["optimizer"] == p1.terms["lora_params"] * 2
-    assert plan_memory(cfg, paged=False, optim_bits=8).terms["optimizer"] == p1.terms["lora_params"] / 2
+    largest = 64 * 11008  # lora_B of gate/up (11008 x 64) or lora_A of down_proj: fp32 m and v decoded in 8-bit mode
+    assert plan_memory(cfg, paged=False, optim_bits=8).terms["optimizer"] == p1.terms["lora_params"] / 2 + 8 * largest
     assert plan_memory(cfg, double_quant=False).terms["weights_4bit"] > p1.terms["weights_4bit"]
 
 
@@ -63,3 +64,62 @@ def test_cli_plan(tmp_path, capsys):
     assert main(["plan", "--model", "llama9-1t"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("qlora70: error:") and "llama9-1t" in err and "Traceback" not in err
+
+
+# ---- the terms added for the GPU (hand-computed on the tiny config) -------------------------------------------------
+# tiny: hidden 64, ffn 176, 2 layers, 4 heads x 16, 2 kv heads -> q (64, 64), k/v (32, 64), o (64, 64),
+# gate/up (176, 64), down (64, 176). LoRA r=8 on all 7: 8 x (128 + 96 + 96 + 128 + 240 + 240 + 240) = 9344 params
+# per layer, 18688 in all.
+TINY_LORA = 2 * 8 * (128 + 96 + 96 + 128 + 240 + 240 + 240)
+
+
+def tiny_plan(**kw):
+    return plan_memory(LlamaConfig.from_name("tiny"), seq_len=16, micro_batch_size=2, lora_r=8, **kw)
+
+
+def test_lora_bf16_copies_term():
+    assert TINY_LORA == 18688
+    p = tiny_plan()
+    assert p.terms["lora_params"] == TINY_LORA * 4
+    assert p.terms["lora_bf16"] == TINY_LORA * 2  # autocast's bf16 copy of every LoRA weight
+    assert tiny_plan(compute_dtype="fp32").terms["lora_bf16"] == 0  # no autocast, no copies
+    p70 = plan_memory(LlamaConfig.from_name("llama2-70b"))
+    assert 1.4 * GiB < p70.terms["lora_bf16"] < 1.6 * GiB  # the "about 1.5 GiB at 70B r=64"
+
+
+def test_lora_dropout_term():
+    # one recomputed layer: a dropped copy of each adapted linear's input (B x T x in) in bf16 + its bool mask
+    dropped = 2 * 16 * (64 * 6 + 176)
+    assert tiny_plan().terms["lora_dropout"] == dropped * (2 + 1) == 53760
+    assert tiny_plan(lora_dropout=0.0).terms["lora_dropout"] == 0
+    assert tiny_plan(gradient_checkpointing=False).terms["lora_dropout"] == 2 * 53760  # every layer live
+    with pytest.raises(ValueError, match="lora_dropout"):
+        tiny_plan(lora_dropout=1.0)
+
+
+def test_context_slack_and_what_total_predicts():
+    p = tiny_plan()
+    assert p.terms["cuda_context"] == CUDA_CONTEXT == 0.5 * GiB
+    rest = sum(v for k, v in p.terms.items() if k not in ("allocator_slack", "cuda_context"))
+    assert p.terms["allocator_slack"] == pytest.approx(ALLOCATOR_SLACK * rest)
+    assert p.total == pytest.approx(sum(p.terms.values()))
+    assert "max_memory_reserved + CUDA context" in p.table()
+
+
+def test_optimizer_placement_terms_and_choice():
+    dev = tiny_plan(paged=False)
+    assert dev.terms["optimizer"] == TINY_LORA * 8 and dev.settings["optim_placement"] == "device"
+    off = tiny_plan(optim_offload=True)
+    assert off.terms["optimizer"] == 2 * (8 * 176) * 8  # current + prefetched tensor (largest: 8 x 176)
+    assert off.settings["optim_placement"] == "offload"
+    assert tiny_plan(paged=False, optim_bits=8).terms["optimizer"] == TINY_LORA * 2 + 8 * (8 * 176)
+    assert tiny_plan().settings["optim_placement"] == "device"  # auto without a GPU size: assumed to fit
+    # auto at 70B: on the GPU with 80 GiB; offloaded (and then fitting) when the states would not fit
+    cfg = LlamaConfig.from_name("llama2-70b")
+    p80 = plan_memory(cfg, gpu_memory="80GiB")
+    assert p80.settings["optim_placement"] == "device" and p80.terms["optimizer"] == pytest.approx(6.17 * GiB, rel=1e-3)
+    p48 = plan_memory(cfg, gpu_memory="48GiB")
+    assert p48.settings["optim_placement"] == "offload" and p48.fits
+    assert p48.terms["optimizer"] == 2 * (64 * 28672) * 8  # two lora_B of gate_proj-sized states
+    assert not plan_memory(cfg, gpu_memory="48GiB", paged=False).fits  # forcing the states on the GPU does not fit
+    assert "optimizer states: offload" in p48.table()
