@@ -99,7 +99,7 @@ def apply_loftq(model: nn.Module, get_weight: Callable[[str], torch.Tensor], ite
     are re-initialised from the new base. `iters` defaults to the model's `lora_config.loftq_iters`.
 
     Call after `inject_lora` and before sharding / building the optimizer. Returns one record per layer (name,
-    nf4_error, loftq_error, seconds). Raises TypeError for a dense base (LoftQ is for quantized bases).
+    nf4_error, loftq_error, errors (after each iteration), seconds). Raises TypeError for a dense base (LoftQ is for quantized bases).
     """
     if iters is None:
         cfg = getattr(model, "lora_config", None)
@@ -124,7 +124,7 @@ def apply_loftq(model: nn.Module, get_weight: Callable[[str], torch.Tensor], ite
         m.lora_A.weight.copy_(res.lora_A)
         m.lora_B.weight.copy_(res.lora_B)
         m.reset_magnitude()
-        report.append(dict(name=name, nf4_error=res.nf4_error, loftq_error=res.errors[-1],
+        report.append(dict(name=name, nf4_error=res.nf4_error, loftq_error=res.errors[-1], errors=res.errors,
                            seconds=time.perf_counter() - t0))
         del w, res
         if progress:

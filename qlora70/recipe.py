@@ -74,6 +74,12 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-variant", choices=["lora", "dora"],
+                   help="dora: weight-decomposed LoRA (a trained magnitude per output feature; PEFT use_dora)")
+    p.add_argument("--lora-init", choices=["default", "loftq"],
+                   help="loftq: start the adapter at the NF4 error of the full-precision weights (needs an HF or "
+                        "GGUF checkpoint, not a 4-bit one); the LoftQ base is saved as <out>/base_loftq")
+    p.add_argument("--loftq-iters", type=int, help="LoftQ alternations of NF4 quantization and rank-r SVD (default 1)")
     p.add_argument("--template", choices=["sm70", "medalpaca"], help="training prompt template")
     p.add_argument("--val-size", type=float, help="held-out validation entries (int) or fraction (<1)")
     p.add_argument("--save-every", type=int)
@@ -90,7 +96,7 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
 def resolve_train_config(a: argparse.Namespace) -> dict[str, Any]:
     """Preset values overridden by every flag the user gave; the result is saved with the run."""
     cfg = dict(PRESETS[a.preset or "sm70"])
-    for k in list(cfg) + ["early_stopping"]:
+    for k in list(cfg) + ["early_stopping", "lora_variant", "lora_init", "loftq_iters"]:
         v = getattr(a, k, None)
         if v is not None:
             cfg[k] = v

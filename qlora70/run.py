@@ -188,7 +188,11 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
         say("contamination: " + "; ".join(f"{k}: {v['n_contaminated']} of {v['n_items']} eval questions found in "
                                           f"training data" for k, v in c.per_task.items()))
 
-    lora = LoRAConfig(r=int(cfg["lora_r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg["lora_dropout"]))
+    lora = LoRAConfig(r=int(cfg["lora_r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg["lora_dropout"]),
+                      use_dora=cfg.get("lora_variant") == "dora", init_lora_weights=cfg.get("lora_init") or "default",
+                      loftq_iters=int(cfg.get("loftq_iters") or 1))
+    if lora.init_lora_weights == "loftq":
+        _loftq_start(model, lora, model_path, out, int(cfg["seed"]), info.rank == 0, progress)
     epochs = cfg.get("epochs") or 1
     tc = TrainConfig(lr=float(cfg["lr"]), epochs=max(1, int(math.ceil(epochs))), max_steps=cfg.get("max_steps"),
                      batch_size=int(cfg["batch_size"]), micro_batch_size=int(cfg["micro_batch_size"]),
@@ -282,6 +286,35 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
             print("  - " + n)
     say(f"report -> {out / 'report.md'} (total {time.perf_counter() - t_start:.0f}s)")
     return report
+
+
+def _loftq_start(model, lora, model_path: str, out: Path, seed: int, main: bool, progress: bool) -> None:
+    """Inject LoRA (seeded as the Trainer does) and LoftQ-initialise it, streaming the full-precision weights from
+    `model_path`; rank 0 saves the LoftQ NF4 base to `out/base_loftq` (the adapter only fits that base)."""
+    from .checkpoint import save_quantized, weight_reader
+    from .loftq import apply_loftq
+    from .lora import LoRALinear, inject_lora
+    from .model import decoder_linears
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_lora(model, lora)
+    t0 = time.perf_counter()
+    rep = apply_loftq(model, weight_reader(model_path), iters=lora.loftq_iters)
+    n = len(rep)
+    say(f"LoftQ ({lora.loftq_iters} iteration(s), {time.perf_counter() - t0:.0f} s): mean relative error of "
+        f"{n} weights {sum(r['nf4_error'] for r in rep) / n:.4f} (plain NF4) -> "
+        f"{sum(r['loftq_error'] for r in rep) / n:.4f}")
+    if main:  # the NF4 bases alone (LoRA wrappers swapped out while writing)
+        wrapped = [(parent, attr, m) for _, parent, attr, m in decoder_linears(model) if isinstance(m, LoRALinear)]
+        try:
+            for parent, attr, m in wrapped:
+                setattr(parent, attr, m.base_layer)
+            path = save_quantized(model, str(out / "base_loftq"), progress=progress)
+        finally:
+            for parent, attr, m in wrapped:
+                setattr(parent, attr, m)
+        say(f"LoftQ base saved to {path}: evaluate / merge the adapter on it (--model {path})")
 
 
 def train_from_args(a: argparse.Namespace) -> dict:

@@ -161,3 +161,32 @@ def test_loftq_base_roundtrips_through_state_dict():
     other.load_state_dict(sd)
     assert torch.equal(other.dequantize(torch.float32), m.base_weight())
     assert torch.equal(m.base_weight(), loftq(w, 4, 2.0, 1).q.dequantize(torch.float32))
+
+
+def test_streamed_from_hf_checkpoint_and_base_saved(tmp_path):
+    """The loader hook: `checkpoint.weight_reader` streams the fp32 weights of an HF checkpoint into `apply_loftq`
+    (via run._loftq_start, the `--lora-init loftq` path), and the LoftQ base written to base_loftq loads back with
+    the same NF4 bytes, so the trained adapter can be evaluated on it."""
+    from qlora70.checkpoint import load_model, save_hf, weight_reader
+    from qlora70.run import _loftq_start
+
+    full = _tiny_full_precision(seed=1)
+    save_hf(full, tmp_path / "hf", dtype=torch.float32, progress=False)
+    read = weight_reader(tmp_path / "hf")
+    torch.testing.assert_close(read("model.layers.1.mlp.up_proj.weight"), full.model.layers[1].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="no tensor 'nope'"):
+        read("nope")
+    model = load_model(tmp_path / "hf", quantize="nf4", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "down_proj"), init_lora_weights="loftq",
+                     loftq_iters=2)
+    _loftq_start(model, cfg, str(tmp_path / "hf"), tmp_path, seed=0, main=True, progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    w = full.model.layers[0].self_attn.q_proj.weight.detach()
+    assert torch.equal(q.base_weight(), loftq(w, 4, 2.0, 2).q.dequantize(torch.float32))
+    back = load_model(tmp_path / "base_loftq", progress=False)
+    assert torch.equal(back.model.layers[0].self_attn.q_proj.weight, q.base_layer.weight)
+    assert torch.equal(back.model.layers[1].mlp.down_proj.dequantize(torch.float32),
+                       model.model.layers[1].mlp.down_proj.base_weight())
+    assert torch.equal(back.model.layers[0].self_attn.k_proj.weight, model.model.layers[0].self_attn.k_proj.weight)
+    with pytest.raises(ValueError, match="no full-precision weights"):
+        weight_reader(tmp_path / "base_loftq")
