@@ -346,3 +346,39 @@ def test_dora_loftq_under_fsdp2_two_processes(tmp_path):
     for n, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(got["back"][n], p.detach(), rtol=0, atol=0)
+
+
+# ---- checkpointing and autocast ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["full", "keep_base_outputs"])
+def test_dora_gradient_checkpointing_matches(policy):
+    """DoRA under the trainer's checkpointing policies (with dropout: masks replayed) gives the un-checkpointed grads."""
+    from qlora70.model import set_gradient_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_llama(quantize=True)
+        torch.manual_seed(0)
+        inject_lora(m, LoRAConfig(r=4, alpha=8, dropout=0.3, use_dora=True))
+        randomize(m)
+        if ckpt:
+            set_gradient_checkpointing(m, True, policy=policy)
+        m.train()
+        torch.manual_seed(1)
+        m(IDS).float().pow(2).mean().backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    assert len(grads[0]) == 3 * 7 * 2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dora_under_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    lin = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 48)), r=4, alpha=8, use_dora=True).eval()
+    randomize(nn.Sequential(lin))
+    x = torch.randn(5, 64)
+    ref = lin(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin(x.bfloat16())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, rtol=3e-2, atol=3e-2)
