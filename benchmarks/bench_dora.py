@@ -188,7 +188,7 @@ def train_step(args) -> dict:
     return result
 
 
-# ---- LoftQ on the demo model ------------------------------------------------------------------------------------------
+# ---- LoftQ on the demo model -----------------------------------------------------------------------------------------
 
 def smollm2_gguf() -> str:
     import importlib.util

@@ -99,7 +99,8 @@ def apply_loftq(model: nn.Module, get_weight: Callable[[str], torch.Tensor], ite
     are re-initialised from the new base. `iters` defaults to the model's `lora_config.loftq_iters`.
 
     Call after `inject_lora` and before sharding / building the optimizer. Returns one record per layer (name,
-    nf4_error, loftq_error, errors (after each iteration), seconds). Raises TypeError for a dense base (LoftQ is for quantized bases).
+    nf4_error, loftq_error, errors (after each iteration), seconds). Raises TypeError for a dense base (LoftQ is
+    for quantized bases).
     """
     if iters is None:
         cfg = getattr(model, "lora_config", None)

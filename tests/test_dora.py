@@ -125,7 +125,7 @@ def test_plain_lora_has_no_magnitude():
         LoRAConfig(use_dora="yes")
 
 
-# ---- model level: merge, files ----------------------------------------------------------------------------------------
+# ---- model level: merge, files ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_dora_merge_equals_unmerged(quantize):
@@ -184,7 +184,7 @@ def test_dora_adapter_roundtrip_ours(tmp_path):
         load_adapter(plain, tmp_path)
 
 
-# ---- PEFT oracles -----------------------------------------------------------------------------------------------------
+# ---- PEFT oracles ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_peft_loads_our_dora_adapter(tmp_path, quantize):
@@ -265,7 +265,7 @@ def test_one_training_step_grads_match_peft(tmp_path, quantize, dropout):
     assert grads[0]["model.layers.0.self_attn.q_proj.lora_magnitude_vector"].abs().max() > 0
 
 
-# ---- FSDP2 (2 CPU processes, gloo) ------------------------------------------------------------------------------------
+# ---- FSDP2 (2 CPU processes, gloo) -----------------------------------------------------------------------------------
 
 def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
     import os
@@ -348,11 +348,11 @@ def test_dora_loftq_under_fsdp2_two_processes(tmp_path):
             torch.testing.assert_close(got["back"][n], p.detach(), rtol=0, atol=0)
 
 
-# ---- checkpointing and autocast ---------------------------------------------------------------------------------------
+# ---- checkpointing and autocast --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["full", "keep_base_outputs"])
 def test_dora_gradient_checkpointing_matches(policy):
-    """DoRA under the trainer's checkpointing policies (with dropout: masks replayed) gives the un-checkpointed grads."""
+    """DoRA under the trainer's checkpointing policies (dropout masks replayed) gives the un-checkpointed grads."""
     from qlora70.model import set_gradient_checkpointing
 
     grads = []
