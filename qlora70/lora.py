@@ -210,8 +210,8 @@ class LoRALinear(nn.Module):
         y = self._base(x)  # (..., out)
         if self.use_dora:
             active = self.training and self.dropout > 0
-            return y + dora.dora_delta(x, y, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude_vector,
-                                       self.scale, self.lora_dropout, active)
+            return dora.dora_forward(x, y, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+                                     self.scale, self.lora_dropout, active, self._dora_w_sq())
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, in), (out, r)
         h = self.lora_dropout(x)
         if torch.is_autocast_enabled(x.device.type):
@@ -222,6 +222,18 @@ class LoRALinear(nn.Module):
         # one fused op: y + scale * h @ B^T
         return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                            alpha=self.scale).view(y.shape)
+
+    def _dora_w_sq(self) -> torch.Tensor:
+        """||W||^2_row of the frozen base (fp32 [out]), cached while the base keeps the same bytes and device (a new
+        NF4 state, as from load_state_dict or LoftQ, or a move recomputes it; FSDP all-gathers keep it)."""
+        b = self.base_layer
+        # the cache holds the keyed object itself (compared with `is`), so a freed one cannot alias a new one
+        owner = b._meta if isinstance(b, Linear4bit) else b.weight
+        version = 0 if isinstance(b, Linear4bit) else b.weight._version
+        cached = self.__dict__.get("_w_sq_cache")
+        if cached is None or cached[0] is not owner or cached[1:3] != (version, b.weight.device):
+            cached = self.__dict__["_w_sq_cache"] = (owner, version, b.weight.device, dora.weight_sq_norm(b))
+        return cached[3]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, fp32 [out, in]."""

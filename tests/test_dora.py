@@ -118,6 +118,46 @@ def test_dora_norm_is_detached_and_magnitude_gets_grad():
         torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("shape", [(1, 7), (33, 65), (130, 48)])
+def test_fast_norm_equals_direct_norm(four_bit, shape):
+    """The expanded norm (no [out, in] temporaries) equals ||W + s B A||_row in float64 on odd shapes."""
+    from qlora70 import dora
+
+    torch.manual_seed(shape[0])
+    base = nn.Linear(shape[1], shape[0], bias=False)
+    if four_bit:
+        base = Linear4bit.from_linear(base, blocksize=32)
+    a, b = torch.randn(5, shape[1]) * 0.3, torch.randn(shape[0], 5) * 0.3
+    w = dora.base_weight(base).double()
+    want = torch.linalg.norm(w + 0.7 * b.double() @ a.double(), dim=1)
+    got = dora.fast_weight_norm(base, dora.weight_sq_norm(base), a, b, 0.7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dora.weight_norm(w.float(), a, b, 0.7).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_base_norm_follows_new_base_bytes():
+    """||W||^2 is cached per base; new NF4 bytes (load_state_dict, LoftQ) or a new dense weight recompute it."""
+    torch.manual_seed(0)
+    lin = LoRALinear(Linear4bit.from_linear(nn.Linear(40, 24, bias=False)), r=2, alpha=4, use_dora=True).eval()
+    randomize(nn.Sequential(lin))
+    x = torch.randn(3, 40)
+    lin(x)
+    other = Linear4bit.from_linear(nn.Linear(40, 24, bias=False))
+    lin.base_layer.load_state_dict(other.state_dict())
+    w = other.dequantize(torch.float32)
+    want = reference_dora(x, w, None, lin.lora_A.weight, lin.lora_B.weight, lin.lora_magnitude_vector, 2.0)
+    torch.testing.assert_close(lin(x).double(), want, rtol=1e-5, atol=1e-5)
+    dense = LoRALinear(nn.Linear(40, 24, bias=False), r=2, alpha=4, use_dora=True).eval()
+    randomize(nn.Sequential(dense))
+    dense(x)
+    with torch.no_grad():
+        dense.base_layer.weight.mul_(2)
+    want = reference_dora(x, dense.base_layer.weight, None, dense.lora_A.weight, dense.lora_B.weight,
+                          dense.lora_magnitude_vector, 2.0)
+    torch.testing.assert_close(dense(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_plain_lora_has_no_magnitude():
     lin = LoRALinear(nn.Linear(8, 4), r=2, alpha=2)
     assert not hasattr(lin, "lora_magnitude_vector") and not lin.use_dora
