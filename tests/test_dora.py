@@ -3,6 +3,7 @@ training step's gradients of the magnitude and LoRA weights) on dense and NF4 ti
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -422,3 +423,25 @@ def test_dora_under_bf16_autocast_close_to_fp32():
         got = lin(x.bfloat16())
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton path needs CUDA or TRITON_INTERPRET=1 (set by `make test`)")
+def test_dora_triton_path_matches_torch_path(monkeypatch):
+    """The GPU code path (Triton NF4 kernels for the base, the dropped-input matmul and W A^T) equals the torch path."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    results = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        base = Linear4bit.from_linear(nn.Linear(64, 48, bias=True), blocksize=64, backend=backend).to(dev)
+        lin = LoRALinear(base, r=4, alpha=8, dropout=0.2, use_dora=True).to(dev).train()
+        randomize(nn.Sequential(lin))
+        x = torch.randn(6, 64, device=dev, requires_grad=True)
+        torch.manual_seed(3)
+        y = lin(x)
+        y.pow(2).sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in lin.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
