@@ -236,7 +236,7 @@ def loftq_bench(args) -> dict:
     inject_lora(model, LoRAConfig(**lcfg))
     losses["zero start (NF4, B = 0)"] = _loss(model, batch)
     per_layer, t0 = None, time.perf_counter()
-    for iters in (1, 5):
+    for iters in (1, 2, 5):
         model = load_model(path, quantize="nf4", progress=False)
         inject_lora(model, LoRAConfig(**lcfg, init_lora_weights="loftq", loftq_iters=iters))
         rep = apply_loftq(model, read, iters=iters)  # every layer (the loss needs them all)
@@ -272,7 +272,7 @@ def loftq_bench(args) -> dict:
     result["table_loss"] = "\n".join(loss_lines)
     m = result["machine"]
     print(f"LoftQ on {result['model']} (r=64, alpha=16, NF4+DQ, W = the GGUF decoded to fp32); {m['cpu']}, "
-          f"{result['loftq_seconds']:.0f} s for LoftQ-1 + LoftQ-5 over {len(rep)} weights\n")
+          f"{result['loftq_seconds']:.0f} s for LoftQ-1, -2 and -5 over {len(rep)} weights\n")
     print(result["table_by_projection"] + "\n")
     print(result["table_loss"] + "\n")
     print(result["table_per_layer"])
