@@ -445,3 +445,17 @@ def test_dora_triton_path_matches_torch_path(monkeypatch):
         results.append([y.detach(), x.grad] + [p.grad for p in lin.parameters() if p.requires_grad])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_train_flags_reach_the_run_config():
+    import argparse
+
+    from qlora70.recipe import add_train_args, resolve_train_config
+
+    ap = argparse.ArgumentParser()
+    add_train_args(ap)
+    cfg = resolve_train_config(ap.parse_args(["--preset", "demo", "--lora-variant", "dora", "--lora-init", "loftq",
+                                              "--loftq-iters", "3"]))
+    assert (cfg["lora_variant"], cfg["lora_init"], cfg["loftq_iters"]) == ("dora", "loftq", 3)
+    cfg = resolve_train_config(ap.parse_args(["--preset", "demo"]))
+    assert "lora_variant" not in cfg and "lora_init" not in cfg  # defaults: plain LoRA, default init (run.py)
