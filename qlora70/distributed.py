@@ -45,8 +45,8 @@ from torch import nn
 from .config import LoRAConfig, TrainConfig
 from .layers import Linear4bit
 from .losses import IGNORE_INDEX
-from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, _canonical_key, get_lora_config, inject_lora, lora_modules,
-                   read_adapter_config, write_adapter)
+from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, canonical_adapter_key, get_lora_config, inject_lora,
+                   lora_modules, read_adapter_config, write_adapter)
 from .optim import PagedAdamW
 from .trainer import Trainer, lr_factor
 
@@ -278,7 +278,7 @@ def load_adapter_sharded(model: nn.Module, adapter_dir: str) -> nn.Module:
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"{wpath} not found")
     sd = load_file(wpath)
-    sd = {_canonical_key(k): v for k, v in sd.items()}
+    sd = {canonical_adapter_key(k): v for k, v in sd.items()}
     expected = {f"{PEFT_PREFIX}{n}.{part}.weight": getattr(m, part).weight
                 for n, m in lora_modules(model) for part in ("lora_A", "lora_B")}
     expected.update({f"{PEFT_PREFIX}{n}.lora_magnitude_vector": m.lora_magnitude_vector

@@ -5,6 +5,8 @@ A targeted linear (plain `nn.Linear` or 4-bit `Linear4bit`) is replaced by a `Lo
 (alpha / sqrt(r) with rsLoRA). Module names mirror PEFT (`q_proj.base_layer`, `q_proj.lora_A`, `q_proj.lora_B`), and
 the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+DoRA (`LoRAConfig(use_dora=True)`, math in `qlora70.dora`) adds a trained magnitude `lora_magnitude_vector` [out]
+(PEFT's name and file key) over the row-normalized W + scale * B A; LoftQ starts live in `qlora70.loftq`.
 
 Speed (CPU): LoRA dropout uses `FastDropout` (same semantics as nn.Dropout, ~4x cheaper mask on CPU), the B
 projection and scale fold into one `addmm`, and `keep_base_outputs_context_fn` lets a checkpointed layer keep its
@@ -153,7 +155,8 @@ class LoRALinear(nn.Module):
     x (..., in) -> base(x) + lora_B(lora_A(dropout(x))) * scale, shape (..., out). lora_A [r, in] is Kaiming-uniform
     (a = sqrt(5), as PEFT), lora_B [out, r] is zero, so a fresh adapter leaves the output unchanged. LoRA weights are
     fp32 (master weights); the branch runs in the input's dtype (or the autocast dtype) and is added in the base
-    output's dtype.
+    output's dtype. With `use_dora`, the output is DoRA's (`qlora70.dora.dora_forward`) and the magnitude
+    `lora_magnitude_vector` (fp32 [out], initialised to ||W + s B A||_row) trains too.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -444,7 +447,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _canonical_key(k: str) -> str:
+def canonical_adapter_key(k: str) -> str:
     """PEFT's spellings -> ours: with the adapter name ("lora_A.default.weight") and DoRA's magnitude as saved
     ("...lora_magnitude_vector") or as a module parameter ("...lora_magnitude_vector[.default].weight")."""
     k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
@@ -491,7 +494,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.lora_B.weight, (m.out_features, m.r))
         if m.use_dora:
             expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (m.lora_magnitude_vector, (m.out_features,))
-    sd = {_canonical_key(k): v for k, v in sd.items()}
+    sd = {canonical_adapter_key(k): v for k, v in sd.items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     mag = [k for k in missing + unexpected if k.endswith(".lora_magnitude_vector")]
