@@ -282,6 +282,28 @@ def load_model(path: str | os.PathLike, quantize: str | None = "nf4", double_qua
     return model.eval()
 
 
+def weight_reader(path: str | os.PathLike) -> Callable[[str], torch.Tensor]:
+    """`get(hf_name) -> tensor`: one full-precision tensor at a time from an HF safetensors directory or a `.gguf`
+    file (decoded to fp32, Q/K rows un-permuted), e.g. LoftQ's source (`qlora70.loftq.apply_loftq(model,
+    weight_reader(path))`). Raises ValueError for a bitsandbytes 4-bit checkpoint (it has no full-precision weights)."""
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        g = gguf_io.GGUFFile(p)
+        src: Any = _GGUFSource(g, gguf_io.config_from_gguf(g))
+    else:
+        config, raw = read_hf_config(p)
+        if raw.get("quantization_config"):
+            raise ValueError(f"{p}: a quantized checkpoint has no full-precision weights to read (LoftQ needs the "
+                             "original fp16/bf16/fp32 checkpoint)")
+        src = _SafetensorsDir(p)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in src.keys():
+            raise ValueError(f"{src.path}: no tensor {name!r} (does the checkpoint match the model?)")
+        return src.get(name)
+    return get
+
+
 def _materialize(config: LlamaConfig, src: Any, quantize: str | None, blocksize: int, double_quant: bool,
                  dtype: torch.dtype, device: torch.device, progress: bool) -> Llama:
     from tqdm import tqdm

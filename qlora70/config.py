@@ -175,8 +175,18 @@ class LoRAConfig:
     dropout: float = 0.1
     targets: tuple[str, ...] = LLAMA_TARGETS
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature over the normalized W + scale * B A
+    init_lora_weights: str = "default"  # "default" (Kaiming A, zero B) | "loftq" (needs the full-precision weights)
+    loftq_iters: int = 1  # LoftQ alternations (quantize W - s B A, rank-r SVD of W - dequant(Q)); used with "loftq"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoRAConfig.use_dora must be a bool, got {self.use_dora!r}")
+        if self.init_lora_weights not in ("default", "loftq"):
+            raise ValueError(f"LoRAConfig.init_lora_weights must be 'default' or 'loftq', got "
+                             f"{self.init_lora_weights!r}")
+        if not isinstance(self.loftq_iters, int) or isinstance(self.loftq_iters, bool) or self.loftq_iters < 1:
+            raise ValueError(f"LoRAConfig.loftq_iters must be an int >= 1, got {self.loftq_iters!r}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):

@@ -40,8 +40,8 @@ from torch import nn
 from .config import IGNORE_INDEX, LoRAConfig, TrainConfig
 from .layers import Linear4bit
 from .data import Batches, TokenizedData
-from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, get_lora_config, inject_lora, lora_modules, read_adapter_config,
-                   write_adapter)
+from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, canonical_adapter_key, get_lora_config, inject_lora, lora_modules,
+                   read_adapter_config, write_adapter)
 from .optim import PagedAdamW
 from .launch import launch, strip_nproc  # noqa: F401 (public here)
 from .train_state import base_checksum
@@ -246,6 +246,9 @@ def gather_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for part in ("lora_A", "lora_B"):
             w = getattr(m, part).weight
             sd[f"{PEFT_PREFIX}{name}.{part}.weight"] = _full(w.detach()).float().cpu().contiguous()
+        if m.use_dora:  # DoRA magnitude, PEFT's key (no ".weight")
+            sd[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = \
+                _full(m.lora_magnitude_vector.detach()).float().cpu().contiguous()
     return sd
 
 
@@ -265,16 +268,18 @@ def load_adapter_sharded(model: nn.Module, adapter_dir: str) -> nn.Module:
 
     cfg = read_adapter_config(adapter_dir)
     have = get_lora_config(model)
-    if (cfg.r, float(cfg.alpha), sorted(cfg.targets), cfg.use_rslora) != \
-            (have.r, float(have.alpha), sorted(have.targets), have.use_rslora):
+    if (cfg.r, float(cfg.alpha), sorted(cfg.targets), cfg.use_rslora, cfg.use_dora) != \
+            (have.r, float(have.alpha), sorted(have.targets), have.use_rslora, have.use_dora):
         raise ValueError(f"{adapter_dir}: adapter LoRA config {cfg} differs from the model's LoRA layers {have}")
     wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"{wpath} not found")
     sd = load_file(wpath)
-    sd = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in sd.items()}
+    sd = {canonical_adapter_key(k): v for k, v in sd.items()}
     expected = {f"{PEFT_PREFIX}{n}.{part}.weight": getattr(m, part).weight
                 for n, m in lora_modules(model) for part in ("lora_A", "lora_B")}
+    expected.update({f"{PEFT_PREFIX}{n}.lora_magnitude_vector": m.lora_magnitude_vector
+                     for n, m in lora_modules(model) if m.use_dora})
     if set(expected) != set(sd):
         missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
         raise ValueError(f"{wpath}: adapter keys do not match the model (missing {missing[:3]}, unexpected "

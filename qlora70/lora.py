@@ -5,6 +5,8 @@ A targeted linear (plain `nn.Linear` or 4-bit `Linear4bit`) is replaced by a `Lo
 (alpha / sqrt(r) with rsLoRA). Module names mirror PEFT (`q_proj.base_layer`, `q_proj.lora_A`, `q_proj.lora_B`), and
 the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r].
+DoRA (`LoRAConfig(use_dora=True)`, math in `qlora70.dora`) adds a trained magnitude `lora_magnitude_vector` [out]
+(PEFT's name and file key) over the row-normalized W + scale * B A; LoftQ starts live in `qlora70.loftq`.
 
 Speed (CPU): LoRA dropout uses `FastDropout` (same semantics as nn.Dropout, ~4x cheaper mask on CPU), the B
 projection and scale fold into one `addmm`, and `keep_base_outputs_context_fn` lets a checkpointed layer keep its
@@ -22,6 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import dora
 from .config import LoRAConfig
 from .io import atomic_write_json
 from .layers import Linear4bit
@@ -111,14 +114,16 @@ class LoRALinear(nn.Module):
     x (..., in) -> base(x) + lora_B(lora_A(dropout(x))) * scale, shape (..., out). lora_A [r, in] is Kaiming-uniform
     (a = sqrt(5), as PEFT), lora_B [out, r] is zero, so a fresh adapter leaves the output unchanged. LoRA weights are
     fp32 (master weights); the branch runs in the input's dtype (or the autocast dtype) and is added in the base
-    output's dtype.
+    output's dtype. With `use_dora`, the output is DoRA's (`qlora70.dora.dora_forward`) and the magnitude
+    `lora_magnitude_vector` (fp32 [out], initialised to ||W + s B A||_row) trains too.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         if not isinstance(base_layer, _BASE_TYPES):
             raise TypeError(f"LoRALinear wraps nn.Linear or Linear4bit, got {type(base_layer).__name__}")
-        LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)  # validates, raises ValueError
+        LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)  # raises ValueError
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.use_rslora = r, float(alpha), bool(use_rslora)
@@ -127,6 +132,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = FastDropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.use_dora = use_dora
+        if use_dora:  # DoRA magnitude [out] fp32 (PEFT's name), m = ||W + s B A||_row; see qlora70.dora
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32))
         self.reset_lora_parameters()
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -139,6 +147,14 @@ class LoRALinear(nn.Module):
         """A: Kaiming-uniform(a=sqrt(5)) as PEFT; B: zeros."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: m = ||W + s B A||_row from the current base and A, B (call after changing them, e.g. LoftQ)."""
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(dora.init_magnitude(self.base_layer, self.lora_A.weight,
+                                                                 self.lora_B.weight, self.scale))
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x), recorded / replayed when running under `keep_base_outputs_context_fn` checkpointing."""
@@ -154,6 +170,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         y = self._base(x)  # (..., out)
+        if self.use_dora:
+            active = self.training and self.dropout > 0
+            return dora.dora_forward(x, y, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude_vector,
+                                     self.scale, self.lora_dropout, active, self._dora_w_sq())
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, in), (out, r)
         h = self.lora_dropout(x)
         if torch.is_autocast_enabled(x.device.type):
@@ -165,6 +185,18 @@ class LoRALinear(nn.Module):
         return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                            alpha=self.scale).view(y.shape)
 
+    def _dora_w_sq(self) -> torch.Tensor:
+        """||W||^2_row of the frozen base (fp32 [out]), cached while the base keeps the same bytes and device (a new
+        NF4 state, as from load_state_dict or LoftQ, or a move recomputes it; FSDP all-gathers keep it)."""
+        b = self.base_layer
+        # the cache holds the keyed object itself (compared with `is`), so a freed one cannot alias a new one
+        owner = b._meta if isinstance(b, Linear4bit) else b.weight
+        version = 0 if isinstance(b, Linear4bit) else b.weight._version
+        cached = self.__dict__.get("_w_sq_cache")
+        if cached is None or cached[0] is not owner or cached[1:3] != (version, b.weight.device):
+            cached = self.__dict__["_w_sq_cache"] = (owner, version, b.weight.device, dora.weight_sq_norm(b))
+        return cached[3]
+
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, fp32 [out, in]."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
@@ -174,8 +206,15 @@ class LoRALinear(nn.Module):
         b = self.base_layer
         return b.dequantize(dtype) if isinstance(b, Linear4bit) else b.weight.detach().to(dtype)
 
+    def merged_weight(self) -> torch.Tensor:
+        """The adapted weight [out, in] fp32: W + s B A (LoRA) or m * (W + s B A) / ||W + s B A||_row (DoRA)."""
+        w = self.base_weight(torch.float32)
+        delta = self.delta_weight().to(w.device)
+        return dora.merged_weight(w, delta, self.lora_magnitude_vector) if self.use_dora else w + delta
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
+        return (f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout:g}"
+                + (", dora" if self.use_dora else ""))
 
 
 # ---- injection --------------------------------------------------------------------------------------------------
@@ -219,7 +258,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in chosen:
-        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        _set_submodule(model, name, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora))
     model.lora_config = cfg  # recorded for save_adapter / checkpoints
     return model
 
@@ -235,6 +274,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model):
         sd[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().cpu().contiguous()
         sd[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().float().cpu().contiguous()
+        if m.use_dora:  # PEFT's file key: no ".weight" suffix (it reads ".lora_magnitude_vector.default.weight" in)
+            sd[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = \
+                m.lora_magnitude_vector.detach().float().cpu().contiguous()
     return sd
 
 
@@ -248,7 +290,8 @@ def get_lora_config(model: nn.Module) -> LoRAConfig:
         return cfg
     m0 = mods[0][1]
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n, _ in mods}))
-    return LoRAConfig(r=m0.r, alpha=m0.alpha, dropout=m0.dropout, targets=targets, use_rslora=m0.use_rslora)
+    return LoRAConfig(r=m0.r, alpha=m0.alpha, dropout=m0.dropout, targets=targets, use_rslora=m0.use_rslora,
+                      use_dora=m0.use_dora)
 
 
 # ---- merge -----------------------------------------------------------------------------------------------------
@@ -256,7 +299,8 @@ def get_lora_config(model: nn.Module) -> LoRAConfig:
 @torch.no_grad()
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize: bool = False,
                cast_model: bool = True) -> nn.Module:
-    """Fold every LoRA update into its base, in place: W = dequant(W0) + scale * B @ A in fp32, stored in `dtype`.
+    """Fold every LoRA update into its base, in place: W = dequant(W0) + scale * B @ A in fp32 (DoRA: that times
+    m / ||.||_row, `LoRALinear.merged_weight`), stored in `dtype`.
 
     Each `LoRALinear` becomes a plain `nn.Linear` in `dtype` (or, only with `requantize=True`, a `Linear4bit` quantized
     from the merged weight). With `cast_model`, the other floating parameters (norms, embeddings, untargeted plain
@@ -269,7 +313,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.bfloat16, requantize
         raise TypeError(f"merge_lora: dtype must be float32/float16/bfloat16, got {dtype}")
     for name, m in mods:
         b = m.base_layer
-        w = m.base_weight(torch.float32) + m.delta_weight().to(b.weight.device)  # (out, in) fp32
+        w = m.merged_weight()  # (out, in) fp32
         bias = None if b.bias is None else b.bias.detach()
         lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device, dtype=dtype)
         lin.weight.copy_(w.to(dtype))
@@ -299,7 +343,9 @@ def adapter_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None = N
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), "bias": "none",
-        "use_rslora": cfg.use_rslora, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        # init_lora_weights stays True for LoftQ starts too: the file holds the weights, and "loftq" would make PEFT
+        # re-run LoftQ on load (the LoftQ base is the NF4 checkpoint saved with it)
+        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
@@ -334,7 +380,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if d.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r}; only LORA adapters are supported")
-    unsupported = {"bias": ("none", None), "use_dora": (False, None), "fan_in_fan_out": (False, None),
+    unsupported = {"bias": ("none", None), "use_dora": (False, True, None), "fan_in_fan_out": (False, None),
                    "modules_to_save": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
                    "layers_to_transform": (None,), "target_parameters": (None, [])}
     for k, ok in unsupported.items():
@@ -346,9 +392,20 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
                          "(e.g. ['q_proj', 'v_proj']) is supported")
     try:
         return LoRAConfig(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                          targets=tuple(targets or ()), use_rslora=bool(d.get("use_rslora", False)))
+                          targets=tuple(targets or ()), use_rslora=bool(d.get("use_rslora", False)),
+                          use_dora=bool(d.get("use_dora", False)))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def canonical_adapter_key(k: str) -> str:
+    """PEFT's spellings -> ours: with the adapter name ("lora_A.default.weight") and DoRA's magnitude as saved
+    ("...lora_magnitude_vector") or as a module parameter ("...lora_magnitude_vector[.default].weight")."""
+    k = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    for suffix in (".lora_magnitude_vector.default.weight", ".lora_magnitude_vector.weight"):
+        if k.endswith(suffix):
+            return k[: -len(suffix)] + ".lora_magnitude_vector"
+    return k
 
 
 @torch.no_grad()
@@ -375,7 +432,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         diffs = [f"{k}: model {a!r} vs adapter {b!r}" for k, a, b in
                  (("r", have.r, cfg.r), ("alpha", float(have.alpha), float(cfg.alpha)),
                   ("targets", sorted(have.targets), sorted(cfg.targets)),
-                  ("use_rslora", have.use_rslora, cfg.use_rslora)) if a != b]
+                  ("use_rslora", have.use_rslora, cfg.use_rslora), ("use_dora", have.use_dora, cfg.use_dora))
+                 if a != b]
         if diffs:
             raise ValueError(f"{adapter_dir}: adapter LoRA config differs from the model's LoRA layers "
                              f"({'; '.join(diffs)})")
@@ -385,10 +443,16 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     for name, m in lora_modules(model):
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (m.lora_A.weight, (m.r, m.in_features))
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.lora_B.weight, (m.out_features, m.r))
-    # PEFT may store keys with the adapter name ("lora_A.default.weight"); accept that spelling too
-    sd = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in sd.items()}
+        if m.use_dora:
+            expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (m.lora_magnitude_vector, (m.out_features,))
+    sd = {canonical_adapter_key(k): v for k, v in sd.items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
+    mag = [k for k in missing + unexpected if k.endswith(".lora_magnitude_vector")]
+    if mag and len(mag) == len(missing) + len(unexpected):
+        raise ValueError(f"{wpath}: adapter_config.json says use_dora={cfg.use_dora} but the file "
+                         f"{'lacks' if missing else 'has'} {len(mag)} lora_magnitude_vector tensors (e.g. {mag[0]}); "
+                         "fix use_dora in adapter_config.json or re-save the adapter")
     if missing or unexpected:
         raise ValueError(f"{wpath}: adapter keys do not match the model (missing {len(missing)}: {missing[:3]}, "
                          f"unexpected {len(unexpected)}: {unexpected[:3]}); it was trained for another model or with "

@@ -66,6 +66,12 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--lora-r", type=int)
     p.add_argument("--lora-alpha", type=float)
     p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-variant", choices=["lora", "dora"],
+                   help="dora: weight-decomposed LoRA (a trained magnitude per output feature; PEFT use_dora)")
+    p.add_argument("--lora-init", choices=["default", "loftq"],
+                   help="loftq: start the adapter at the NF4 error of the full-precision weights (needs an HF or "
+                        "GGUF checkpoint, not a 4-bit one); the LoftQ base is saved as <out>/base_loftq")
+    p.add_argument("--loftq-iters", type=int, help="LoftQ alternations of NF4 quantization and rank-r SVD (default 1)")
     p.add_argument("--template", choices=list(TEMPLATE_NAMES), help="training prompt template")
     p.add_argument("--val-size", type=float, help="held-out validation entries (int) or fraction (<1); a fraction "
                    "that rounds to 0 entries holds out 1")
@@ -114,7 +120,10 @@ def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool 
         paged=t.paged and not getattr(a, "no_paged", False),
         optim_offload=t.optim_offload or bool(getattr(a, "optim_offload", False)), out_dir=str(out_dir), progress=progress)
     lora = LoRAConfig(r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
-                      dropout=float(given("lora_dropout", lo.dropout)))
+                      dropout=float(given("lora_dropout", lo.dropout)),
+                      use_dora=given("lora_variant", "dora" if lo.use_dora else "lora") == "dora",
+                      init_lora_weights=given("lora_init", lo.init_lora_weights),
+                      loftq_iters=int(given("loftq_iters", lo.loftq_iters)))
     ev = EvalConfig(tasks=parse_eval_tasks(getattr(a, "eval", None)), limit=given("eval_limit", base.eval.limit),
                     each_epoch=base.eval.each_epoch)
     val = given("val_size", base.val_size)

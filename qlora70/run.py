@@ -262,6 +262,8 @@ def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval
     model, tok, dev, info = _stage_load(cfg, progress)
     data, train_data, val_data, split_note = _stage_data(cfg, train_paths, tok, progress)
     contam = _stage_contamination(train_paths, eval_specs) if contamination else None
+    if cfg.lora.init_lora_weights == "loftq":
+        _loftq_start(model, cfg.lora, cfg.model, out, cfg.train.seed, info.rank == 0, progress)
     epoch_evals: list[dict] = []
     trainer = _stage_trainer(cfg, model, tok, info, train_data, val_data, eval_specs, out, epoch_evals)
     if info.rank == 0:
@@ -292,6 +294,35 @@ def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval
         report["data"]["split_note"] = split_note
     write_report(report, cfg, before, after, out, t_start)
     return report
+
+
+def _loftq_start(model, lora, model_path: str, out: Path, seed: int, main: bool, progress: bool) -> None:
+    """Inject LoRA (seeded as the Trainer does) and LoftQ-initialise it, streaming the full-precision weights from
+    `model_path`; rank 0 saves the LoftQ NF4 base to `out/base_loftq` (the adapter only fits that base)."""
+    from .checkpoint import save_quantized, weight_reader
+    from .loftq import apply_loftq
+    from .lora import LoRALinear, inject_lora
+    from .model import decoder_linears
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_lora(model, lora)
+    t0 = time.perf_counter()
+    rep = apply_loftq(model, weight_reader(model_path), iters=lora.loftq_iters)
+    n = len(rep)
+    say(f"LoftQ ({lora.loftq_iters} iteration(s), {time.perf_counter() - t0:.0f} s): mean relative error of "
+        f"{n} weights {sum(r['nf4_error'] for r in rep) / n:.4f} (plain NF4) -> "
+        f"{sum(r['loftq_error'] for r in rep) / n:.4f}")
+    if main:  # the NF4 bases alone (LoRA wrappers swapped out while writing)
+        wrapped = [(parent, attr, m) for _, parent, attr, m in decoder_linears(model) if isinstance(m, LoRALinear)]
+        try:
+            for parent, attr, m in wrapped:
+                setattr(parent, attr, m.base_layer)
+            path = save_quantized(model, str(out / "base_loftq"), progress=progress)
+        finally:
+            for parent, attr, m in wrapped:
+                setattr(parent, attr, m)
+        say(f"LoftQ base saved to {path}: evaluate / merge the adapter on it (--model {path})")
 
 
 def save_merged_checkpoint(model: Any, out: Path) -> str:
