@@ -241,6 +241,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-variant", choices=["lora", "dora"], default="lora", help="dora: count DoRA's magnitudes")
     p.add_argument("--gpu-memory", help="e.g. 80GiB; enables the fits / largest-micro-batch answer")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--optim-bits", type=int, choices=[8, 32], default=32)
@@ -266,7 +267,7 @@ def cmd_plan(a) -> int:
     p = plan_memory(cfg, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
                     double_quant=not a.no_double_quant, gradient_checkpointing=not a.no_gradient_checkpointing,
                     offload_checkpoints=a.offload, optim_bits=a.optim_bits, paged=not a.no_paged,
-                    optim_offload=a.optim_offload,
+                    optim_offload=a.optim_offload, use_dora=a.lora_variant == "dora",
                     gpu_memory=a.gpu_memory)
     print(f"model {cfg.name}: {cfg.num_params() / 1e9:.2f}B params; seq {a.seq_len}, micro-batch {a.micro_batch_size}, "
           f"LoRA r={a.lora_r}")

@@ -22,6 +22,11 @@ The model is a sum of named terms, each an explicit formula (bytes):
                   largest linear weight and two (B, T, ffn) gradients
   lora_dropout    that layer's LoRA dropout: per adapted linear a dropped copy of its input (B, T, in) in the compute
                   dtype (kept for lora_A's gradient) and its bool mask (1 byte/element); 0 when dropout is 0
+  dora            with DoRA (use_dora): the magnitude vectors (one fp32 value per output feature of every adapted linear)
+                  with their gradients and AdamW states (16 bytes each; tiny tensors, on the GPU), the cached fp32
+                  ||W||^2 row norms of the bases (4 bytes per output feature), and in the recomputed layer the fp32
+                  combine of each adapted output (B, T, out) plus, with dropout, the base output on the dropped input
+                  (B, T, out) in the compute dtype (PEFT's extra matmul); 0 without DoRA
   logits          chunked cross-entropy: chunk x vocab x 4 bytes x 2 (logits + grad); unchunked B x T x vocab x 6
   allocator_slack 5% of the terms above (the caching allocator's reserved-but-unallocated blocks)
   cuda_context    0.5 GiB: the CUDA context, cuBLAS workspaces and loaded kernels, outside max_memory_reserved
@@ -110,11 +115,22 @@ def _activation_terms(cfg: LlamaConfig, shapes: dict[str, tuple[int, int]], B: i
     return terms
 
 
+def _dora_bytes(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...], L: int, B: int, T: int, cb: int,
+                lora_dropout: float, n_layers_live: int) -> float:
+    """The `dora` term (bytes): magnitudes + grads + AdamW states + cached row norms, and the live layers' extra
+    activations (fp32 combine; with dropout the base output on the dropped input)."""
+    outs = sum(shapes[t][0] for t in targets)  # output features of one layer's adapted linears
+    persistent = L * outs * (4 + 4 + 8 + 4)
+    live = B * T * outs * (4 + (cb if lora_dropout > 0 else 0))
+    return persistent + n_layers_live * live
+
+
 def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1, lora_r: int = 64,
                 targets: tuple[str, ...] = LLAMA_TARGETS, double_quant: bool = True, compute_dtype: str = "bf16",
                 gradient_checkpointing: bool = True, offload_checkpoints: bool = False, optim_bits: int = 32,
                 paged: bool = True, ce_chunk: int | None = 1024, gpu_memory: float | str | None = None,
-                optim_offload: bool = False, lora_dropout: float = 0.1, _search: bool = True) -> Plan:
+                optim_offload: bool = False, lora_dropout: float = 0.1, use_dora: bool = False,
+                _search: bool = True) -> Plan:
     """Predict peak GPU memory (bytes) of one QLoRA training step; see the module docstring for the terms.
 
     Optimizer placement as `PagedAdamW`: optim_offload=True -> "offload"; else paged=True -> "auto" (decided here from
@@ -149,6 +165,8 @@ def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1
     }
     terms.update(_activation_terms(cfg, shapes, B, T, cb, lora_r, targets, gradient_checkpointing,
                                    offload_checkpoints, lora_dropout, ce_chunk))
+    terms["dora"] = _dora_bytes(shapes, targets, L, B, T, cb, lora_dropout,
+                                1 if gradient_checkpointing else L) if use_dora else 0.0
 
     def finish(placement: str) -> dict[str, float]:
         t = dict(terms, optimizer=_optimizer_bytes(lora_params, largest_lora, optim_bits, placement))
@@ -173,14 +191,14 @@ def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1
                     targets=list(targets), double_quant=double_quant, compute_dtype=compute_dtype,
                     gradient_checkpointing=gradient_checkpointing, offload_checkpoints=offload_checkpoints,
                     optim_bits=optim_bits, paged=paged, optim_offload=optim_offload, lora_dropout=lora_dropout,
-                    ce_chunk=ce_chunk, optim_placement=placement, optim_placement_reason=reason)
+                    use_dora=use_dora, ce_chunk=ce_chunk, optim_placement=placement, optim_placement_reason=reason)
     fits = max_mb = None
     if gm is not None:
         fits = total <= gm
         kw = dict(gpu_memory=gm / GiB, seq_len=seq_len, lora_r=lora_r, targets=targets, double_quant=double_quant,
                   compute_dtype=compute_dtype, gradient_checkpointing=gradient_checkpointing,
                   offload_checkpoints=offload_checkpoints, optim_bits=optim_bits, paged=paged, ce_chunk=ce_chunk,
-                  optim_offload=optim_offload, lora_dropout=lora_dropout)
+                  optim_offload=optim_offload, lora_dropout=lora_dropout, use_dora=use_dora)
         max_mb = _largest_micro_batch(cfg, gm, kw) if _search else None
     return Plan(terms=terms, total=total, gpu_memory=gm, fits=fits, max_micro_batch=max_mb, settings=settings)
 

@@ -123,3 +123,15 @@ def test_optimizer_placement_terms_and_choice():
     assert p48.terms["optimizer"] == 2 * (64 * 28672) * 8  # two lora_B of gate_proj-sized states
     assert not plan_memory(cfg, gpu_memory="48GiB", paged=False).fits  # forcing the states on the GPU does not fit
     assert "optimizer states: offload" in p48.table()
+
+
+def test_dora_term():
+    # tiny: per layer the 7 adapted outputs sum to 64 + 32 + 32 + 64 + 176 + 176 + 64 = 608 features
+    outs = 608
+    persistent = 2 * outs * (4 + 4 + 8 + 4)  # magnitude, its grad, AdamW m + v, cached ||W||^2 rows; 2 layers
+    live = 2 * 16 * outs * (4 + 2)  # one recomputed layer: fp32 combine + bf16 base output on the dropped input
+    assert tiny_plan().terms["dora"] == 0
+    assert tiny_plan(use_dora=True).terms["dora"] == persistent + live == 141056
+    assert tiny_plan(use_dora=True, lora_dropout=0.0).terms["dora"] == persistent + 2 * 16 * outs * 4
+    assert tiny_plan(use_dora=True, gradient_checkpointing=False).terms["dora"] == persistent + 2 * live
+    assert tiny_plan(use_dora=True).total > tiny_plan().total
