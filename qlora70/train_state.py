@@ -110,7 +110,8 @@ def fingerprint(model: nn.Module, lora_config: LoRAConfig, params: list[tuple[st
         train["micro_batch_size"] = micro_batch_size
     return {"model_config": model_cfg, "base": {"checksum": checksum},
             "lora": {"r": lc.r, "alpha": float(lc.alpha), "dropout": float(lc.dropout),
-                     "targets": sorted(lc.targets), "use_rslora": lc.use_rslora},
+                     "targets": sorted(lc.targets), "use_rslora": lc.use_rslora,
+                     **({"use_dora": True} if lc.use_dora else {})},  # absent for plain LoRA: older runs resume
             "trainable": [[n, list(p.shape)] for n, p in params], "train": train}
 
 
