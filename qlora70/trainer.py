@@ -44,6 +44,7 @@ from .config import LoRAConfig, TrainConfig
 from .losses import IGNORE_INDEX, chunked_cross_entropy
 from .io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from .lora import atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
+from .ops import resolve_compute_dtype
 from .optim import PagedAdamW
 
 log = logging.getLogger("qlora70.trainer")
@@ -186,10 +187,9 @@ class Trainer:
         if not self.params:
             raise ValueError("Trainer: the model has no trainable parameters")
         self.device = next(p for _, p in self.params).device
-        if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda"):
-            self.autocast_dtype: torch.dtype | None = torch.bfloat16
-        else:
-            self.autocast_dtype = None
+        # bf16 autocast over fp32 masters, or None (fp32); the reason goes into the run report
+        compute, self.compute_dtype_reason = resolve_compute_dtype(self.device, cfg.compute_dtype)
+        self.autocast_dtype: torch.dtype | None = None if compute == torch.float32 else compute
         if pad_id is None:
             c = getattr(model, "config", None)
             pad_id = next((v for v in (getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
