@@ -81,6 +81,8 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--optim-bits", type=int, choices=[8, 32])
     p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast or fp32 (auto: bf16 on CUDA, and on a CPU whose bf16 matmuls are faster)")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--eval-limit", type=int, help="evaluation items per task (seeded sample)")
@@ -99,6 +101,7 @@ def resolve_train_config(a: argparse.Namespace) -> dict[str, Any]:
     if getattr(a, "no_gradient_checkpointing", False):
         cfg["gradient_checkpointing"] = False
     cfg["offload"] = bool(getattr(a, "offload", False))
+    cfg["compute_dtype"] = getattr(a, "compute_dtype", None) or cfg.get("compute_dtype", "auto")
     cfg["model"] = a.model or cfg.get("model")
     cfg["preset"] = a.preset or "sm70"
     cfg["seed"] = a.seed

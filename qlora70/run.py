@@ -198,7 +198,7 @@ def run_experiment(cfg: dict[str, Any], train_paths: list[str], out_dir: str, *,
                      early_stopping_patience=cfg.get("early_stopping"),
                      gradient_checkpointing=bool(cfg["gradient_checkpointing"]), offload=bool(cfg.get("offload")),
                      optim_bits=int(cfg["optim_bits"]), paged=bool(cfg["paged"]), out_dir=str(out),
-                     progress=progress)
+                     compute_dtype=str(cfg.get("compute_dtype") or "auto"), progress=progress)
     before: dict = {}
     epoch_evals: list[dict] = []
 
