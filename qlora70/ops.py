@@ -19,6 +19,7 @@ would do, minus the full-precision decode and the weight cast). `resolve_compute
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -84,9 +85,10 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if get_backend(q.device, backend) == "triton":
         return _kernels().dequantize(q, dtype, out=out)
-    if out is not None and not out.is_contiguous():
-        return out.copy_(dequantize_nf4(q, dtype))
-    return dequantize_nf4(q, dtype, out=out)
+    with _decode_scope():
+        if out is not None and not out.is_contiguous():
+            return out.copy_(dequantize_nf4(q, dtype))
+        return dequantize_nf4(q, dtype, out=out)
 
 
 def resolve_compute_dtype(device: torch.device | str, requested: str = "auto") -> tuple[torch.dtype, str]:
@@ -119,17 +121,26 @@ def clear_workspace() -> None:
     _tls.__dict__.pop("bufs", None)
 
 
+def _decode_scope():
+    """A `qlora70::nf4_decode` range for torch.profiler (free when no profiler runs): the CPU decode is a ctypes call
+    that the profiler would otherwise fold into its caller's self time."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function("qlora70::nf4_decode")
+    return contextlib.nullcontext()
+
+
 def _cpu_weight(q: NF4Weight, dtype: torch.dtype, keep: bool) -> torch.Tensor:
     """W [N, K] decoded to `dtype`: into this thread's workspace (as large as the largest weight seen) unless the result
     must outlive the caller's matmul (`keep`: autograd would save it) or the workspace is off."""
-    if keep or not USE_CPU_WORKSPACE or q.device.type != "cpu":
-        return dequantize_nf4(q, dtype)
-    bufs = _tls.__dict__.setdefault("bufs", {})
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < q.numel:
-        bufs.pop(dtype, None)  # free the smaller buffer before allocating the larger one
-        buf = bufs[dtype] = native.empty(q.numel, dtype)
-    return dequantize_nf4(q, dtype, out=buf[: q.numel].view(q.shape))
+    with _decode_scope():
+        if keep or not USE_CPU_WORKSPACE or q.device.type != "cpu":
+            return dequantize_nf4(q, dtype)
+        bufs = _tls.__dict__.setdefault("bufs", {})
+        buf = bufs.get(dtype)
+        if buf is None or buf.numel() < q.numel:
+            bufs.pop(dtype, None)  # free the smaller buffer before allocating the larger one
+            buf = bufs[dtype] = native.empty(q.numel, dtype)
+        return dequantize_nf4(q, dtype, out=buf[: q.numel].view(q.shape))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

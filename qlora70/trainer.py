@@ -44,6 +44,7 @@ from .config import LoRAConfig, TrainConfig
 from .losses import IGNORE_INDEX, chunked_cross_entropy
 from .io import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from .lora import atomic_save_safetensors, get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
+from . import native
 from .ops import resolve_compute_dtype
 from .optim import PagedAdamW
 
@@ -190,6 +191,8 @@ class Trainer:
         # bf16 autocast over fp32 masters, or None (fp32); the reason goes into the run report
         compute, self.compute_dtype_reason = resolve_compute_dtype(self.device, cfg.compute_dtype)
         self.autocast_dtype: torch.dtype | None = None if compute == torch.float32 else compute
+        if self.device.type == "cpu":
+            native.keep_freed_memory()  # no page faults on the buffers every step reallocates
         if pad_id is None:
             c = getattr(model, "config", None)
             pad_id = next((v for v in (getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None))
