@@ -451,8 +451,8 @@ def main() -> None:
         print(f"\nQLoRA train step, {args.mode}: {result['model']}, {args.batch} x {args.seq} tokens, LoRA r=64 on "
               f"{len(TARGETS)} projections, NF4+DQ, grad checkpointing\nmachine: {m['cpu']}, {m['logical_cpus']} "
               f"logical CPUs, flags {' '.join(m['flags'])}; torch {torch.__version__} "
-              f"({m['torch_cpu_capability']}), threads {result['cpu_threads']}, load avg {result['load_avg_start'][0]:.1f}"
-              "\n")
+              f"({m['torch_cpu_capability']}), threads {result['cpu_threads']}, "
+              f"load avg {result['load_avg_start'][0]:.1f}\n")
         print(table(rows))
         for k, v in result.items():
             if k.startswith(("speedup", "peak_rss", "gpu_mem_ratio")):

@@ -9,12 +9,9 @@ from qlora70 import native, ops
 from qlora70.layers import Linear4bit
 from qlora70.nf4 import dequantize_nf4, quantize_nf4
 
-# odd shapes: partial last blocks, odd element counts, out != in; the last one is the largest (regrows the workspace)
-SHAPES = [(37, 70), (16, 130), (129, 64), (96, 257)]
-
-
 def _layers(seed: int, dtype: torch.dtype = torch.float32, bias: bool = True) -> list[Linear4bit]:
-    """A chain of NF4 layers whose shapes feed into each other: in -> 70 -> ... (out, in) from SHAPES, rewired."""
+    """A chain of NF4 layers 70 -> 37 -> 130 -> 16 -> 257: odd shapes (partial last blocks, odd element counts,
+    out != in), sizes that shrink and grow (the last is the largest and regrows the workspace)."""
     g = torch.Generator().manual_seed(seed)
     dims = [70, 37, 130, 16, 257]
     out = []
