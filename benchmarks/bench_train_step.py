@@ -9,8 +9,11 @@ Each framework runs in its own subprocess (so peak RSS is its own): load, one wa
 Rows: `ours` (qlora70, gradient checkpointing with full recomputation, as the peers), `ours-keep` (qlora70 with
 `checkpoint_policy="keep_base_outputs"`, the Trainer's default on CPU: still checkpointed per layer, but the frozen
 NF4 base outputs of the LoRA layers are kept from the forward, so the recomputation skips those matmuls; more memory,
-less compute), `peers` (transformers + peft + bitsandbytes, HF gradient checkpointing, torch AdamW on CPU / bnb
-PagedAdamW32bit on GPU).
+less compute), `ours-auto` / `ours-auto-keep` (the same with the Trainer's `compute_dtype="auto"`: on a CPU whose bf16
+matmuls measure faster, bf16 autocast over the fp32 model and fp32 LoRA masters; else identical to fp32), `peers`
+(transformers + peft + bitsandbytes, HF gradient checkpointing, torch AdamW on CPU / bnb PagedAdamW32bit on GPU),
+`peers-bf16` (CPU: the peers with the model and bnb compute dtype in bf16 under bf16 autocast).
+On CPU the `ours*` rows apply `qlora70.native.keep_freed_memory()` as the Trainer does (no per-step page faults).
 Reported: tokens/s (all B*T input tokens per step / best step time; the median is in the JSON), tokens per
 CPU-second of the process (robust when other jobs share the cores; with --threads 1 it is the single-core rate),
 the first step's loss (equal for all at B=0 init: the NF4 bytes agree), peak RSS of the training steps (VmHWM reset
@@ -19,19 +22,22 @@ machine, compare with --threads 1: with 2 OpenMP threads every parallel op waits
 op under load).
 
 Modes:
-  (default)   CPU, SmolLM2-135M shape (30 layers, vocab 49152), 4 x 256 tokens per step, fp32
+  (default)   CPU, SmolLM2-135M shape (30 layers, vocab 49152), 4 x 256 tokens per step
+  --tiny      CPU, the tiny Llama of issue #18 (4 layers, hidden 512, 8 heads, MLP 1536, vocab 32000), 4 x 256 tokens
   --quick     CPU, SmolLM2-135M shape cut to 6 layers, 2 x 128 tokens
   --gpu       CUDA, Llama-2-7B shape, seq 1024, micro-batch 1, bf16 autocast
   --70b-fit   CUDA, qlora70 only: one Llama-2-70B-shaped QLoRA step (random NF4 weights made layer by layer on the GPU,
               seq 1024, micro-batch 1); records the peak allocated memory (must fit in 80 GB)
 
-    python benchmarks/bench_train_step.py [--quick | --gpu | --70b-fit] [--threads N] [--steps N] [--out x.json]
+    python benchmarks/bench_train_step.py [--quick | --tiny | --gpu | --70b-fit] [--threads N] [--steps N]
+        [--frameworks ours,ours-auto,peers,peers-bf16] [--out x.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -40,6 +46,7 @@ import time
 
 import torch
 
+WORKERS = ["ours", "ours-keep", "ours-auto", "ours-auto-keep", "peers", "peers-bf16"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=64, alpha=16, dropout=0.1)
 LR, CLIP = 2e-4, 0.3
@@ -47,6 +54,9 @@ LR, CLIP = 2e-4, 0.3
 MODES = {
     "cpu": dict(model="smollm2-135m", overrides={}, batch=4, seq=256, steps=3, device="cpu"),
     "quick": dict(model="smollm2-135m", overrides={"num_hidden_layers": 6}, batch=2, seq=128, steps=2, device="cpu"),
+    "tiny": dict(model="llama2-7b", overrides=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                                   num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
+                 batch=4, seq=256, steps=5, device="cpu"),
     "gpu": dict(model="llama2-7b", overrides={}, batch=1, seq=1024, steps=5, device="cuda"),
     "70b": dict(model="llama2-70b", overrides={}, batch=1, seq=1024, steps=2, device="cuda"),
 }
@@ -119,10 +129,14 @@ def setup_ours(ckpt: str, device: str, dtype: torch.dtype, policy: str = "full")
     return model, params, PagedAdamW(params, lr=LR)
 
 
+def _autocast(ids: torch.Tensor, dtype: torch.dtype | None):
+    return torch.autocast(ids.device.type, dtype=dtype) if dtype else torch.autocast(ids.device.type, enabled=False)
+
+
 def step_ours(model, params, opt, ids, labels, autocast_dtype):
     from qlora70.losses import chunked_cross_entropy
 
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    ctx = _autocast(ids, autocast_dtype)
     with ctx:
         hidden = model(ids, return_hidden=True)  # (B, T, D)
         s, n = chunked_cross_entropy(hidden, model.lm_head.weight, labels)
@@ -159,7 +173,7 @@ def setup_peers(ckpt: str, device: str, dtype: torch.dtype):
 
 
 def step_peers(model, params, opt, ids, labels, autocast_dtype):
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    ctx = _autocast(ids, autocast_dtype)
     with ctx:
         loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -176,14 +190,25 @@ def worker(args) -> dict:
     device = mode["device"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     autocast_dtype = torch.bfloat16 if device == "cuda" else None
+    extra = {}
     t0 = time.perf_counter()
-    if args.worker == "peers":
+    if args.worker.startswith("peers"):
+        if args.worker == "peers-bf16":
+            dtype = autocast_dtype = torch.bfloat16
         model, params, opt = setup_peers(args.ckpt, device, dtype)
         step = step_peers
-    else:  # "ours" (full recompute) or "ours-keep" (keep the frozen base outputs)
-        policy = "keep_base_outputs" if args.worker == "ours-keep" else "full"
+    else:  # ours[-auto][-keep]: fp32 or compute_dtype="auto"; full recompute or keep the frozen base outputs
+        policy = "keep_base_outputs" if args.worker.endswith("-keep") else "full"
+        if device == "cpu":
+            from qlora70 import native
+            from qlora70.ops import resolve_compute_dtype
+            extra["malloc_tuned"] = native.keep_freed_memory()  # as the Trainer does on CPU
+            if "-auto" in args.worker:
+                compute, extra["compute_dtype_reason"] = resolve_compute_dtype("cpu", "auto")
+                autocast_dtype = None if compute == torch.float32 else compute
         model, params, opt = setup_ours(args.ckpt, device, dtype, policy)
         step = step_ours
+    extra["autocast"] = str(autocast_dtype) if autocast_dtype else None
     load_s = time.perf_counter() - t0
     vocab = json.load(open(os.path.join(args.ckpt, "config.json")))["vocab_size"]
     ids, labels = make_batch(vocab, args.batch, args.seq)
@@ -211,7 +236,7 @@ def worker(args) -> dict:
            "rss_after_load_mb": rss_after_load / 1024,
            "peak_rss_train_mb": _status_kb("VmHWM") / 1024 if reset_ok else None,
            "peak_rss_total_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), **extra}
     if device == "cuda":
         out["max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out["max_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
@@ -305,6 +330,23 @@ def write_checkpoint(mode: dict, path: str) -> dict:
     return {"model": mode["model"], **mode["overrides"], "params": cfg.num_params()}
 
 
+def machine() -> dict:
+    """The CPU model and its SIMD / matrix flags (the figures depend on them), torch's CPU capability."""
+    info = {"cpu": platform.processor() or platform.machine(), "flags": []}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            first = fh.read().split("\n\n")[0]
+        kv = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first.splitlines() if ":" in ln)}
+        info["cpu"] = kv.get("model name", info["cpu"])
+        info["flags"] = [f for f in kv.get("flags", kv.get("Features", "")).split()
+                         if f.startswith(("avx", "amx", "fma", "sve", "bf16", "asimd"))]
+    except OSError:
+        pass
+    info["logical_cpus"] = os.cpu_count()
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
 def run_worker(framework: str, args, ckpt: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--ckpt", ckpt, "--mode", args.mode,
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -336,6 +378,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small CPU config (6 layers, 2 x 128 tokens)")
+    g.add_argument("--tiny", action="store_true", help="CPU, the tiny Llama of issue #18 (4 x 512, 4 x 256 tokens)")
     g.add_argument("--gpu", action="store_true", help="Llama-2-7B shape on CUDA, seq 1024")
     g.add_argument("--70b-fit", dest="fit70b", action="store_true", help="one 70B-shaped QLoRA step on one GPU")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per framework (after one warm-up step)")
@@ -343,17 +386,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="run each framework this many times, alternating")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: torch's default)")
-    ap.add_argument("--frameworks", default=None, help="comma list of ours, ours-keep, peers (default: all that "
-                    "this build supports; ours-keep = checkpointing that keeps the frozen base outputs)")
+    ap.add_argument("--frameworks", default=None, help="comma list of " + ", ".join(WORKERS) + " (default: all; "
+                    "-keep = checkpointing that keeps the frozen base outputs, -auto = compute_dtype auto)")
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/train_step_<mode>.json)")
-    ap.add_argument("--worker", choices=["ours", "ours-keep", "peers"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    args.mode = "quick" if args.quick else "gpu" if args.gpu else "70b" if args.fit70b else "cpu"
+    args.mode = ("quick" if args.quick else "tiny" if args.tiny else "gpu" if args.gpu else "70b" if args.fit70b
+                 else "cpu")
     mode = MODES[args.mode]
     args.steps = args.steps or mode["steps"]
     args.batch = args.batch or mode["batch"]
@@ -362,7 +406,8 @@ def main() -> None:
         sys.exit(f"--{args.mode} needs a CUDA GPU")
     result = {"mode": args.mode, "batch": args.batch, "seq": args.seq, "lora": LORA, "targets": TARGETS,
               "steps": args.steps, "torch": torch.__version__,
-              "cpu_threads": args.threads or torch.get_num_threads(), "load_avg_start": os.getloadavg()}
+              "cpu_threads": args.threads or torch.get_num_threads(), "load_avg_start": os.getloadavg(),
+              "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.mode == "70b":
         rows = [fit_70b(args)]
         result["runs"] = rows
@@ -372,8 +417,10 @@ def main() -> None:
             ckpt = os.path.join(tmp, "base")
             result["model"] = write_checkpoint(mode, ckpt)
             rows = []
+            keep = "keep_base_outputs" in checkpoint_policies()
             frameworks = args.frameworks or ",".join(
-                ["ours"] + (["ours-keep"] if "keep_base_outputs" in checkpoint_policies() else []) + ["peers"])
+                [w for w in WORKERS if (keep or not w.endswith("-keep")) and (mode["device"] == "cpu" or
+                                                                              w in ("ours", "ours-keep", "peers"))])
             for _ in range(args.repeat):
                 for fw in frameworks.split(","):
                     r = run_worker(fw, args, ckpt)
@@ -386,10 +433,12 @@ def main() -> None:
         for r in rows:
             if "error" not in r and r["tokens_per_s"] > best.get(r["framework"], {}).get("tokens_per_s", 0):
                 best[r["framework"]] = r
-        for ours in ("ours", "ours-keep"):
-            if ours not in best or "peers" not in best:
+        peers = [best[k] for k in ("peers", "peers-bf16") if k in best]
+        for ours in ("ours", "ours-keep", "ours-auto", "ours-auto-keep"):
+            if ours not in best or not peers:
                 continue
-            o, p, sfx = best[ours], best["peers"], "" if ours == "ours" else "_keep"
+            # against the peers' best tokens/s (and that row's memory)
+            o, p, sfx = best[ours], max(peers, key=lambda r: r["tokens_per_s"]), ours[4:].replace("-", "_")
             result["speedup" + sfx] = o["tokens_per_s"] / p["tokens_per_s"]
             if o.get("tokens_per_cpu_s") and p.get("tokens_per_cpu_s"):
                 result["speedup_cpu_time" + sfx] = o["tokens_per_cpu_s"] / p["tokens_per_cpu_s"]
@@ -398,8 +447,12 @@ def main() -> None:
             result["peak_rss_total_ratio" + sfx] = o["peak_rss_total_mb"] / p["peak_rss_total_mb"]
             if "max_allocated_gb" in o:
                 result["gpu_mem_ratio" + sfx] = o["max_allocated_gb"] / p["max_allocated_gb"]
+        m = result["machine"]
         print(f"\nQLoRA train step, {args.mode}: {result['model']}, {args.batch} x {args.seq} tokens, LoRA r=64 on "
-              f"{len(TARGETS)} projections, NF4+DQ, grad checkpointing\n")
+              f"{len(TARGETS)} projections, NF4+DQ, grad checkpointing\nmachine: {m['cpu']}, {m['logical_cpus']} "
+              f"logical CPUs, flags {' '.join(m['flags'])}; torch {torch.__version__} "
+              f"({m['torch_cpu_capability']}), threads {result['cpu_threads']}, "
+              f"load avg {result['load_avg_start'][0]:.1f}\n")
         print(table(rows))
         for k, v in result.items():
             if k.startswith(("speedup", "peak_rss", "gpu_mem_ratio")):

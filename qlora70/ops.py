@@ -9,14 +9,24 @@ reference otherwise. Asking for Triton explicitly where it cannot run is an erro
 
 The "torch" backend on CPU tensors runs the fused C loop of `qlora70.native` for NF4 decode when a C compiler is
 available (bit-identical to the pure-torch code, which it replaces only for speed; `QLORA70_NATIVE=0` turns it off).
+Inside `nf4_linear` on the CPU the weight is decoded into one reused workspace per (dtype, thread), never into a fresh
+tensor: a fresh weight-sized buffer pays first-touch page faults on every call (the same call varied up to 10x). The
+workspace is read by the matmul right away and never saved for backward (backward decodes again).
+
+Under autocast `nf4_linear` decodes straight to the autocast dtype and casts its input to it (what autocast's matmul
+would do, minus the full-precision decode and the weight cast). `resolve_compute_dtype` turns a config's
+`compute_dtype` ("auto" | "bf16" | "fp32") into the dtype to autocast to, and says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 
+from . import native
 from .nf4 import NF4Weight, dequantize_nf4
 
 BACKENDS = ("auto", "torch", "triton")
@@ -75,27 +85,90 @@ def dequantize(q: NF4Weight, dtype: torch.dtype | None = None, out: torch.Tensor
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if get_backend(q.device, backend) == "triton":
         return _kernels().dequantize(q, dtype, out=out)
-    if out is not None and not out.is_contiguous():
-        return out.copy_(dequantize_nf4(q, dtype))
-    return dequantize_nf4(q, dtype, out=out)
+    with _decode_scope():
+        if out is not None and not out.is_contiguous():
+            return out.copy_(dequantize_nf4(q, dtype))
+        return dequantize_nf4(q, dtype, out=out)
+
+
+def resolve_compute_dtype(device: torch.device | str, requested: str = "auto") -> tuple[torch.dtype, str]:
+    """(dtype, reason) for `TrainConfig.compute_dtype`: "bf16" / "fp32" as asked; "auto": bf16 on CUDA, on the CPU
+    `qlora70.native.cpu_compute_dtype()` (bf16 where the CPU makes bf16 matmuls faster, measured once and cached),
+    fp32 on other devices. bf16 means bf16 autocast over fp32 master weights (LoRA weights and optimizer states stay
+    fp32)."""
+    if requested not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"compute_dtype must be 'auto', 'bf16' or 'fp32', got {requested!r}")
+    if requested == "bf16":
+        return torch.bfloat16, "compute_dtype='bf16' requested"
+    if requested == "fp32":
+        return torch.float32, "compute_dtype='fp32' requested"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16, "auto on CUDA: bf16"
+    if dev.type == "cpu":
+        dtype, why = native.cpu_compute_dtype()
+        return dtype, "auto on CPU: " + why
+    return torch.float32, f"auto on {dev.type}: fp32"
+
+
+# ---- CPU decode workspace -------------------------------------------------------------------------------------------
+USE_CPU_WORKSPACE = True  # False: decode into a fresh tensor every call (the reference the tests compare against)
+_tls = threading.local()  # per thread: {dtype: flat buffer}, so concurrent callers never share one
+
+
+def clear_workspace() -> None:
+    """Free this thread's CPU decode buffers (they are regrown on the next call)."""
+    _tls.__dict__.pop("bufs", None)
+
+
+def _decode_scope():
+    """A `qlora70::nf4_decode` range for torch.profiler (free when no profiler runs): the CPU decode is a ctypes call
+    that the profiler would otherwise fold into its caller's self time."""
+    if torch.autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function("qlora70::nf4_decode")
+    return contextlib.nullcontext()
+
+
+def _cpu_weight(q: NF4Weight, dtype: torch.dtype, keep: bool) -> torch.Tensor:
+    """W [N, K] decoded to `dtype`: into this thread's workspace (as large as the largest weight seen) unless the result
+    must outlive the caller's matmul (`keep`: autograd would save it) or the workspace is off."""
+    with _decode_scope():
+        if keep or not USE_CPU_WORKSPACE or q.device.type != "cpu":
+            return dequantize_nf4(q, dtype)
+        bufs = _tls.__dict__.setdefault("bufs", {})
+        buf = bufs.get(dtype)
+        if buf is None or buf.numel() < q.numel:
+            bufs.pop(dtype, None)  # free the smaller buffer before allocating the larger one
+            buf = bufs[dtype] = native.empty(q.numel, dtype)
+        return dequantize_nf4(q, dtype, out=buf[: q.numel].view(q.shape))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: the autocast dtype when autocast is on for x's device (fp64 is never cast,
+    as autocast leaves it), else x's own."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 class NF4LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b with W frozen in NF4.
 
     Saves only the packed weight (the NF4Weight is frozen; nothing dense is kept) and dequantizes again in backward.
+    Computes in `_compute_dtype(x)`: under autocast W is decoded straight to the autocast dtype and x cast to it.
     Gradients: with y = x W^T + b,  dL/dx = dL/dy W  (shape (M, K) = (M, N) @ (N, K)),  dL/db = sum_M dL/dy.
     W gets no gradient (it is frozen; LoRA adds its own trainable branch outside this Function).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight, backend: str) -> torch.Tensor:
-        ctx.q, ctx.backend, ctx.has_bias = q, backend, bias is not None
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        ctx.q, ctx.backend, ctx.has_bias, ctx.x_dtype = q, backend, bias is not None, x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))  # (M, K); no copy outside autocast
         if backend == "triton":
             y = _kernels().linear_forward(x2, q, bias)
-        else:
-            y = x2 @ dequantize_nf4(q, x.dtype).t()
+        else:  # the forward of a Function records nothing: the workspace is free again once mm returns
+            y = x2 @ _cpu_weight(q, x2.dtype, keep=False).t()
             if bias is not None:
                 y = y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], q.shape[0])
@@ -108,9 +181,9 @@ class NF4LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if backend == "triton":
                 dx = _kernels().linear_backward_input(dy2, q)
-            else:
-                dx = dy2 @ dequantize_nf4(q, dy.dtype)
-            dx = dx.reshape(*dy.shape[:-1], q.shape[1])
+            else:  # create_graph: autograd would save W for the double backward, so it gets its own tensor
+                dx = dy2 @ _cpu_weight(q, dy.dtype, keep=torch.is_grad_enabled() and dy.requires_grad)
+            dx = dx.reshape(*dy.shape[:-1], q.shape[1]).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             db = dy2.sum(0)
         return dx, db, None, None

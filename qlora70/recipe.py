@@ -81,6 +81,8 @@ def add_train_args(p: argparse.ArgumentParser, preset_default: str | None = None
     p.add_argument("--no-paged", action="store_true", help="keep optimizer states on the GPU")
     p.add_argument("--optim-offload", action="store_true", help="offload optimizer states to pinned host memory")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast or fp32 (auto: bf16 on CUDA, and on a CPU whose bf16 matmuls are faster)")
     p.add_argument("--offload", action="store_true", help="offload checkpointed activations to CPU")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--eval", metavar="TASKS", help=f"benchmarks to run: a comma list of {','.join(EVAL_TASKS)}, or "
@@ -118,7 +120,8 @@ def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool 
         gradient_checkpointing=t.gradient_checkpointing and not getattr(a, "no_gradient_checkpointing", False),
         offload=bool(getattr(a, "offload", False)), optim_bits=given("optim_bits", t.optim_bits),
         paged=t.paged and not getattr(a, "no_paged", False),
-        optim_offload=t.optim_offload or bool(getattr(a, "optim_offload", False)), out_dir=str(out_dir), progress=progress)
+        optim_offload=t.optim_offload or bool(getattr(a, "optim_offload", False)),
+        compute_dtype=given("compute_dtype", t.compute_dtype), out_dir=str(out_dir), progress=progress)
     lora = LoRAConfig(r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
                       dropout=float(given("lora_dropout", lo.dropout)),
                       use_dora=given("lora_variant", "dora" if lo.use_dora else "lora") == "dora",

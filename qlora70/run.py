@@ -163,7 +163,8 @@ def _stage_load(cfg: RunConfig, progress: bool) -> tuple[Any, Any, str, Any]:
     if info.world_size > 1:
         dev = str(info.device)  # cuda:LOCAL_RANK (NCCL) or cpu (gloo)
     compute = torch.float32 if dev == "cpu" else torch.bfloat16
-    say(f"loading {cfg.model} -> NF4 + double quantization on {dev} (compute {str(compute).split('.')[-1]})")
+    say(f"loading {cfg.model} -> NF4 + double quantization on {dev} (weights {str(compute).split('.')[-1]}; "
+        f"compute dtype {cfg.train.compute_dtype!r})")
     model = load_model(cfg.model, quantize="nf4", double_quant=True, dtype=compute, device=dev, progress=progress)
     tok = tokenizer_for(cfg.model, cfg.tokenizer)
     say(f"model: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, vocab "
@@ -214,6 +215,7 @@ def _stage_trainer(cfg: RunConfig, model: Any, tok: Any, info: Any, train_data: 
     say(f"LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {', '.join(lora.targets)}: "
         f"{n_train / 1e6:.2f}M trainable params; {trainer.total_steps} optimizer steps of {cfg.train.batch_size} "
         "sequences")
+    say(f"compute dtype: {'bf16 autocast' if trainer.autocast_dtype else 'fp32'} ({trainer.compute_dtype_reason})")
     return trainer
 
 
@@ -280,7 +282,10 @@ def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval
     merged_path = None
     if save_merged:
         merged_path = save_merged_checkpoint(model, out)
-    report = {"model": cfg.model, "device": dev, "elapsed_s": time.perf_counter() - t_start, "train_s": train_s,
+    report = {"model": cfg.model, "device": dev,
+              "compute_dtype": {"dtype": "bf16" if trainer.autocast_dtype else "fp32",
+                                "reason": trainer.compute_dtype_reason},
+              "elapsed_s": time.perf_counter() - t_start, "train_s": train_s,
               "summary": summary, "data": {"n_examples": len(data), "n_train": len(train_data),
                                            "n_val": 0 if val_data is None else len(val_data),
                                            "n_tokens": int(data.n_tokens), "report": data.report.to_dict()},

@@ -31,11 +31,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import native
 from .config import IGNORE_INDEX, LoRAConfig, TrainConfig, pad_or_eos
 from .data import Batches, TokenizedData
 from .losses import chunked_cross_entropy
 from .lora import get_lora_config, inject_lora, load_adapter, lora_modules, save_adapter
 from .model import set_gradient_checkpointing
+from .ops import resolve_compute_dtype
 from .optim import PagedAdamW
 from .recompute import resolve_policy
 from .train_state import (RESUME_FIXED, RunDir, base_checksum, fingerprint,  # noqa: F401 (RESUME_FIXED: public)
@@ -112,7 +114,10 @@ class Trainer:
         if not self.params:
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameters")
         self.device = next(p for _, p in self.params).device
-        self.autocast_dtype = self._select_autocast_dtype()
+        # bf16 autocast over fp32 masters, or None (fp32); the reason goes into the run report
+        self.autocast_dtype, self.compute_dtype_reason = self._select_autocast_dtype()
+        if self.device.type == "cpu":
+            native.keep_freed_memory()  # no page faults on the buffers every step reallocates
         self.pad_id = int(pad_id if pad_id is not None else default_pad_id(model))
         self.train_loader, self.val_loader = self._build_loaders(train_data, val_data)
         self.accum = self._accum_steps()
@@ -162,12 +167,11 @@ class Trainer:
     def _prepare_model(self, model: nn.Module) -> None:
         """After LoRA injection, before the trainable parameters are collected (the distributed trainer shards)."""
 
-    def _select_autocast_dtype(self) -> torch.dtype | None:
-        """The compute dtype (autocast) of the loop: bf16 when asked, or "auto" on CUDA; None = the weights' dtype."""
-        cfg = self.cfg
-        if cfg.compute_dtype == "bf16" or (cfg.compute_dtype == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+    def _select_autocast_dtype(self) -> tuple[torch.dtype | None, str]:
+        """The compute dtype (autocast) of the loop and why: bf16 when asked, "auto" on CUDA, "auto" on a CPU whose
+        bf16 matmuls measure faster (`ops.resolve_compute_dtype`); None = the weights' dtype (fp32)."""
+        compute, reason = resolve_compute_dtype(self.device, self.cfg.compute_dtype)
+        return (None if compute == torch.float32 else compute), reason
 
     def _accum_steps(self) -> int:
         """Micro-batches per optimizer step (per process)."""
