@@ -1,12 +1,8 @@
 """llama.cpp GGUF files: a small reader (header, metadata, tensor index, block dequantization in torch) and a writer.
 
 Reading parses the header through a short-lived mmap and reads each tensor with one positioned read (tensor data is
-never mapped). Supported tensor types: F32, F16, BF16, Q8_0, Q4_0,
-Q4_1 (block formats from llama.cpp's ggml-common.h, 32 weights per block):
-    Q8_0  34 bytes: fp16 d, 32 x int8 q                      w = d * q
-    Q4_0  18 bytes: fp16 d, 16 bytes of nibbles             w = d * (q - 8)
-    Q4_1  20 bytes: fp16 d, fp16 m, 16 bytes of nibbles     w = d * q + m
-  (nibbles: the low nibble of byte j is element j, the high nibble element j + 16).
+never mapped). Tensor types read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+(block codecs and their layouts in `gguf_quants`).
 GGUF lists dims fastest-first, so a ggml [in, out] tensor is a row-major torch [out, in] tensor.
 
 llama.cpp stores Q and K weights row-permuted for its interleaved ("normal") RoPE; HF uses rotate-half:
@@ -28,16 +24,10 @@ from typing import Any
 import torch
 
 from .config import LlamaConfig
+from .gguf_quants import DECODABLE, GGML_TYPES, dequantize, quantize_q8_0  # noqa: F401 (re-exported)
 from .io import atomic_path
 
-# ggml tensor types: id -> (name, elements per block, bytes per block)
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
-}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = DECODABLE
 
 # metadata value types
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -179,48 +169,6 @@ def read_bytes(path: str, offset: int, nbytes: int, what: str = "data") -> torch
                                  f"only {got} could be read; re-download or re-save the file")
             got += k
     return buf
-
-
-def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """GGUF bytes (uint8 [nbytes]) of `type_name` -> fp32 tensor of `shape` (row-major)."""
-    n = 1
-    for d in shape:
-        n *= d
-    if type_name == "F32":
-        return raw.view(torch.float32).reshape(shape).clone()
-    if type_name in ("F16", "BF16"):
-        return raw.view(torch.float16 if type_name == "F16" else torch.bfloat16).float().reshape(shape)
-    if type_name == "Q8_0":
-        b = raw.view(-1, 34)  # (nb, 34)
-        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
-        q = b[:, 2:].contiguous().view(torch.int8).float()  # (nb, 32)
-        return (d * q).reshape(shape)
-    if type_name in ("Q4_0", "Q4_1"):
-        bb = 18 if type_name == "Q4_0" else 20
-        b = raw.view(-1, bb)
-        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
-        qs = b[:, bb - 16:]  # (nb, 16)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (nb, 32): low nibbles are elements 0..15
-        if type_name == "Q4_0":
-            return (d * (q - 8.0)).reshape(shape)
-        m = b[:, 2:4].contiguous().view(torch.float16).float()
-        return (d * q + m).reshape(shape)
-    raise ValueError(f"unsupported GGUF tensor type {type_name}")
-
-
-def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    """fp32 [rows, cols] (cols % 32 == 0) -> Q8_0 bytes uint8 [rows, cols / 32 * 34], bit-exact with ggml's reference
-    (d = absmax / 127, q = round-half-away(x / d), d stored as fp16)."""
-    rows, cols = w.shape
-    blocks = w.float().reshape(-1, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (nb, 1)
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    x = blocks * inv
-    a = x.abs()
-    fl = a.floor()
-    q = torch.sign(x) * (fl + torch.floor(2 * (a - fl)))  # round half away from zero, as ggml's roundf
-    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
-    return out.reshape(rows, cols // 32 * 34)
 
 
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
