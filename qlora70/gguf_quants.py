@@ -160,7 +160,7 @@ def _absmax_signed(x: torch.Tensor) -> torch.Tensor:
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)  # C 1.0f/d (not reciprocal())
 
 
 def _round_away(x: torch.Tensor) -> torch.Tensor:

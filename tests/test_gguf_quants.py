@@ -146,3 +146,119 @@ def test_load_model_reads_a_file_with_every_block_type(tmp_path):
         assert torch.isfinite(m(torch.tensor([[1, 2, 3, 4, 5]]))).all()
     q = load_model(tmp_path / "mixed.gguf", quantize="nf4", progress=False)  # K-quant -> NF4
     assert type(q.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+
+
+# ---- encoders --------------------------------------------------------------------------------------------------------
+from qlora70 import gguf_kquants as gk  # noqa: E402
+
+ENC_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def awkward_weights(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Gaussian rows of mixed scales plus the edge cases of the C loops: zero blocks, constant runs, one-signed rows,
+    exact zeros, heavy tails, values on rounding midpoints."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * rng.uniform(1e-3, 3, (rows, 1))).astype(np.float32)
+    w[0, :256] = 0
+    w[1, : cols // 2 + 3] = 0.5
+    w[2] = np.abs(w[2])
+    w[3, ::3] = 0
+    w[4] = -w[4] ** 2
+    w[5] = rng.standard_t(2, cols).astype(np.float32)
+    w[6, :32] = np.linspace(-1.5, 1.5, 32)
+    return w
+
+
+def ggml_reference_lib():
+    """ggml's C quantizers (quantize_row_*_ref), from $QLORA70_GGML_LIB or llama-cpp-python's libggml-base; or None."""
+    import ctypes
+    import glob
+    import importlib.util
+    import os
+    cands = [os.environ.get("QLORA70_GGML_LIB", "")]
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec and spec.submodule_search_locations:
+        cands += glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "lib", "libggml-base.so*"))
+    for c in cands:
+        if c and os.path.isfile(c):
+            try:
+                lib = ctypes.CDLL(c)
+                lib.quantize_row_q4_K_ref  # noqa: B018 (the symbol must exist)
+                return lib
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+@pytest.mark.parametrize("t", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_encoder_bytes_equal_gguf_reference_quantizer(t):
+    w = awkward_weights(9, 288, seed=3)
+    ref = gguf.quants.quantize(w, gguf.GGMLQuantizationType[t])
+    assert np.array_equal(gk.encode(torch.from_numpy(w), t).numpy(), ref), t
+
+
+@pytest.mark.parametrize("t", ENC_TYPES)
+def test_encoder_bytes_equal_ggml_c_reference(t):
+    import ctypes
+    lib = ggml_reference_lib()
+    if lib is None:
+        pytest.skip("no ggml library (pip install llama-cpp-python, or set QLORA70_GGML_LIB to a libggml-base.so)")
+    w = awkward_weights(23, 1024, seed=11)
+    bs, bb = gq.BLOCK[t]
+    out = np.zeros(w.size // bs * bb, np.uint8)
+    fn = getattr(lib, f"quantize_row_{t[:-1].lower() + t[-1]}_ref")
+    fn(ctypes.c_void_p(w.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(w.size))
+    ours = gk.encode(torch.from_numpy(w), t).numpy().reshape(-1, bb)
+    assert np.array_equal(ours, out.reshape(-1, bb)), f"{t}: {(ours != out.reshape(-1, bb)).any(1).sum()} blocks differ"
+
+
+# sha256[:16] of encode(awkward_weights(7, 512, seed=5)), checked equal to ggml's C reference quantizers (ggml-quants.c
+# of llama.cpp as vendored by llama-cpp-python 0.3.36) when they were pinned
+GOLDEN = {"Q4_K": "cd77d276efa7d093", "Q5_K": "f25221815763c523", "Q6_K": "16f005929ed12a3b"}
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q5_K", "Q6_K"])
+def test_kquant_encoder_golden_bytes(t):
+    import hashlib
+    b = gk.encode(torch.from_numpy(awkward_weights(7, 512, seed=5)), t).numpy()
+    assert hashlib.sha256(b.tobytes()).hexdigest()[:16] == GOLDEN[t]
+
+
+@pytest.mark.parametrize("t", ENC_TYPES + ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("shape", [(1, 256), (5, 768), (3, 1280)])
+def test_encoder_round_trips_through_gguf_decoder(t, shape):
+    """our bytes -> gguf's reference decoder == our decoder, bit for bit (and the GGUF byte size is right)."""
+    w = awkward_weights(max(shape[0], 7), shape[1], seed=shape[1])[: shape[0]]
+    b = gk.encode(torch.from_numpy(w), t)
+    assert b.dtype == torch.uint8 and tuple(b.shape) == (shape[0], gq.row_bytes(t, shape[1]))
+    qt = gguf.GGMLQuantizationType[t]
+    ref = gguf.quants.dequantize(b.numpy() if t not in ("F16", "F32") else b.numpy().view(
+        np.float16 if t == "F16" else np.float32), qt).reshape(shape)
+    ours = gq.dequantize(b.reshape(-1), t, shape).numpy()
+    assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+# relative RMSE bands on N(0, 1) rows (measured 0.0054, 0.0178, 0.0362, 0.0378, 0.0428, 0.0716, 0.0783, 0.0862)
+BANDS = {"Q8_0": (0.004, 0.007), "Q6_K": (0.013, 0.023), "Q5_K": (0.027, 0.045), "Q5_1": (0.028, 0.047),
+         "Q5_0": (0.032, 0.053), "Q4_K": (0.055, 0.09), "Q4_1": (0.06, 0.097), "Q4_0": (0.066, 0.107)}
+
+
+def test_quantization_error_bands_and_order():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 512))
+    err = {}
+    for t, (lo, hi) in BANDS.items():
+        back = gq.dequantize(gk.encode(torch.from_numpy(w.astype(np.float32)), t).reshape(-1), t, w.shape)
+        err[t] = float(np.sqrt(((back.double().numpy() - w) ** 2).mean()) / w.std())
+        assert lo < err[t] < hi, (t, err[t])
+    assert err["Q4_K"] < err["Q4_1"] < err["Q4_0"] and err["Q5_K"] < err["Q5_1"] < err["Q5_0"]
+    assert err["Q8_0"] < err["Q6_K"] < err["Q5_K"] < err["Q4_K"]
+
+
+def test_encoder_errors():
+    with pytest.raises(ValueError, match="not a whole number of Q4_K blocks"):
+        gk.encode(torch.zeros(2, 576), "Q4_K")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        gk.encode(torch.full((1, 32), float("nan")), "Q8_0")
+    with pytest.raises(ValueError, match="cannot encode GGUF type 'Q3_K'"):
+        gk.encode(torch.zeros(1, 256), "Q3_K")
