@@ -511,21 +511,49 @@ def save_quantized(model: Llama, out_dir: str | os.PathLike, max_shard_size: int
 
 
 def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qtype: str = "F16", *,
-                gguf_type: str | None = None, progress: bool = True) -> str:
-    """Write a llama.cpp GGUF ("F16", "Q8_0" or "F32"; norms stay F32; Q/K rows permuted to llama.cpp's layout).
-    Tokenizer metadata comes from `tokenizer` (a qlora70 Tokenizer, or a path to a .gguf / tokenizer.model /
-    tokenizer.json / directory) or, when None, from the GGUF / directory the model was loaded from (if it holds one);
-    without either the file has no vocabulary (llama.cpp then cannot run it). `gguf_type` is an alias of `qtype`.
-    Returns the path."""
+                gguf_type: str | None = None, progress: bool = True, pure: bool = False,
+                provenance: gguf_io.Provenance | None = None) -> str:
+    """Write a llama.cpp GGUF of `model` as `qtype` (gguf_io.GGUF_QTYPES: F16/BF16/F32, Q8_0, Q4_0/Q4_1/Q5_0/Q5_1,
+    Q6_K, Q4_K_S/Q4_K_M/Q5_K_S/Q5_K_M, or pure Q4_K/Q5_K; tensor types chosen as llama-quantize does; norms F32).
+
+    LoRA layers are merged tensor by tensor as `qlora70.lora.merge_lora` does (W = base_weight(fp32) + scale * B @ A)
+    onto the base the adapter wraps: the NF4-dequantized weights for a model loaded with quantize="nf4" (what the
+    adapter was trained against, and `qlora70 merge`'s default) or the dense ones; which one goes into the metadata
+    (`qlora70.merge_base`), with `provenance`. Only one merged tensor is dense at a time. Tokenizer metadata comes from
+    `tokenizer` (a qlora70 Tokenizer, or a path to a .gguf / tokenizer.model / tokenizer.json / directory) or, when
+    None, from the GGUF / directory the model was loaded from (if it holds one); without either the file has no
+    vocabulary (llama.cpp then cannot run it). `gguf_type` is an alias of `qtype`. Returns the path."""
+    import dataclasses
+
+    from .lora import LoRALinear
+
     qtype = (gguf_type or qtype).upper()
     src = str(getattr(model, "source_path", ""))
     if tokenizer is None and src and (src.endswith(".gguf") or any(
             os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.model", "tokenizer.json"))):
         tokenizer = src
     tok_md = gguf_io.tokenizer_metadata(tokenizer) if tokenizer is not None else None
-    specs = []
+    specs, bases = [], set()
     for name, mod, kind in _layer_modules(model):
-        shape, produce = _dense(name, mod, kind)
-        specs.append((name, shape, produce))
+        if isinstance(mod, LoRALinear):
+            b = mod.base_layer
+            bases.add(("nf4-dequantized", b.quant.blocksize, b.quant.double_quant) if isinstance(b, Linear4bit)
+                      else ("full-precision", None, None))
+            specs.append((name, (mod.out_features, mod.in_features), functools.partial(_lora_merged, mod)))
+        else:
+            shape, produce = _dense(name, mod, kind)
+            specs.append((name, shape, produce))
+    if len(bases) > 1:
+        raise ValueError(f"export_gguf: the LoRA layers wrap different kinds of base weights {sorted(map(str, bases))}; "
+                         "load the base once, either NF4 or full precision")
+    prov = provenance or gguf_io.Provenance(name=str(model.config.name))
+    if bases:
+        merge_base, blocksize, dq = bases.pop()
+        prov = dataclasses.replace(prov, merge_base=merge_base, nf4_blocksize=blocksize, nf4_double_quant=dq)
     return gguf_io.write_gguf(path, model.config, specs, qtype=qtype, tokenizer_md=tok_md,
-                              name=str(model.config.name), progress=progress)
+                              name=str(model.config.name), progress=progress, pure=pure, provenance=prov)
+
+
+def _lora_merged(mod: nn.Module) -> torch.Tensor:
+    """A LoRALinear's merged weight [out, in] fp32, the formula of lora.merge_lora."""
+    return mod.base_weight(torch.float32) + mod.delta_weight().to(mod.base_layer.weight.device)

@@ -21,9 +21,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import LlamaConfig
+from . import gguf_kquants, gguf_quants
 from .gguf_quants import DECODABLE, GGML_TYPES, dequantize, quantize_q8_0  # noqa: F401 (re-exported)
 from .io import atomic_path
 
@@ -270,13 +272,51 @@ def tokenizer_metadata(source: Any) -> dict[str, tuple[Any, int, int | None]]:
         magic = f.read(4)
     if magic == b"GGUF":
         g = GGUFFile(path)
-        return {k: (v, *g.types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
-    if isinstance(source, (str, os.PathLike)):  # a file path: its special ids / BOS convention via our tokenizer
-        from .tokenizer import load_tokenizer
-        source = load_tokenizer(path)
-    if path.endswith(".json"):
-        return _bpe_json_metadata(path, source)
-    return _sentencepiece_metadata(path, source)
+        md = {k: (v, *g.types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+    else:
+        if isinstance(source, (str, os.PathLike)):  # a file path: its special ids / BOS convention via our tokenizer
+            from .tokenizer import load_tokenizer
+            source = load_tokenizer(path)
+        md = _bpe_json_metadata(path, source) if path.endswith(".json") else _sentencepiece_metadata(path, source)
+    return md | _chat_metadata(None if isinstance(source, (str, os.PathLike)) else source, md)
+
+
+# Jinja chat templates written when the tokenizer has none of its own (llama.cpp matches them to its built-in
+# "llama2" / "chatml" formats); LLAMA2_JINJA is the chat_template of meta-llama/Llama-2-*-chat-hf.
+CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def _chat_metadata(tok: Any, md: dict) -> dict:
+    """tokenizer.chat_template and tokenizer.ggml.eot_token_id (the end-of-turn stop token) when `md` lacks them:
+    the tokenizer's own template, else the built-in Llama-2 (sentencepiece) or ChatML (byte BPE with <|im_start|>)."""
+    out: dict = {}
+    tokens = md.get("tokenizer.ggml.tokens", ([],))[0]
+    index = {t: i for i, t in enumerate(tokens) if t.startswith("<")} if tokens else {}
+    if "tokenizer.chat_template" not in md:
+        tpl = getattr(tok, "chat_template", None)
+        if not tpl:
+            model = md.get("tokenizer.ggml.model", (None,))[0]
+            fmt = getattr(tok, "chat_format", "llama2" if model == "llama" else "chatml")
+            tpl = LLAMA2_JINJA if fmt == "llama2" else CHATML_JINJA if "<|im_start|>" in index else None
+        if tpl:
+            out["tokenizer.chat_template"] = (tpl, V_STRING, None)
+    if "tokenizer.ggml.eot_token_id" not in md:
+        eot = next((index[t] for t in _EOT_TOKENS if t in index), None)
+        if eot is not None:
+            out["tokenizer.ggml.eot_token_id"] = (int(eot), 4, None)
+    return out
 
 
 def _arr(vals: list, sub: int) -> tuple[list, int, int]:
@@ -333,71 +373,126 @@ def _special_ids(tok: Any, bos: int | None, eos: int | None, unk: int | None, pa
 
 
 # ---- writer --------------------------------------------------------------------------------------------------------
-GGUF_QTYPES = ("F32", "F16", "Q8_0")
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7}  # llama.cpp LlamaFileType
+@dataclass(frozen=True)
+class Provenance:
+    """Where an exported model came from, written as `general.*` (name, license, base model, datasets) and
+    `qlora70.*` keys (merge base, adapter path + sha256 of its weights file, training data files + sha256)."""
+    name: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+    adapter_path: str | None = None
+    adapter_sha256: str | None = None
+    training_data: tuple[tuple[str, str], ...] = ()  # (path, sha256)
+    merge_base: str | None = None  # "nf4-dequantized" | "full-precision"; None: no adapter merged
+    nf4_blocksize: int | None = None
+    nf4_double_quant: bool | None = None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def provenance_metadata(p: Provenance) -> dict[str, tuple[Any, int, int | None]]:
+    """{key: (value, vtype, subtype)} for `p` (keys whose value is unknown are left out)."""
+    from . import __version__
+    md: dict = {"general.type": ("model", V_STRING, None), "general.quantized_by": ("qlora70", V_STRING, None),
+                "qlora70.version": (str(__version__), V_STRING, None),
+                "qlora70.merge_base": (p.merge_base or "none (no adapter merged)", V_STRING, None)}
+    if p.license:
+        md["general.license"] = (p.license, V_STRING, None)
+    if p.base_model:
+        md["general.base_model.count"] = (1, 4, None)
+        md["general.base_model.0.name"] = (p.base_model, V_STRING, None)
+    if p.nf4_blocksize is not None:
+        md["qlora70.nf4.blocksize"] = (int(p.nf4_blocksize), 4, None)
+        md["qlora70.nf4.double_quant"] = (bool(p.nf4_double_quant), 7, None)
+    if p.adapter_path:
+        md["general.finetune"] = (os.path.basename(os.path.normpath(p.adapter_path)), V_STRING, None)
+        md["qlora70.adapter.path"] = (os.fspath(p.adapter_path), V_STRING, None)
+    if p.adapter_sha256:
+        md["qlora70.adapter.sha256"] = (p.adapter_sha256, V_STRING, None)
+    if p.training_data:
+        md["general.dataset.count"] = (len(p.training_data), 4, None)
+        for i, (path, _) in enumerate(p.training_data):
+            md[f"general.dataset.{i}.name"] = (os.path.basename(path), V_STRING, None)
+        md["qlora70.training_data.files"] = _arr([os.fspath(f) for f, _ in p.training_data], V_STRING)
+        md["qlora70.training_data.sha256"] = _arr([h for _, h in p.training_data], V_STRING)
+    return md
+
+
+def _hparams(w: Any, c: LlamaConfig) -> None:
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_vocab_size(c.vocab_size)
+
+
+GGUF_QTYPES = gguf_kquants.EXPORT_QTYPES
 
 
 def write_gguf(path: str | os.PathLike, config: LlamaConfig, specs: list, qtype: str = "F16",
-               tokenizer_md: dict | None = None, name: str = "qlora70", progress: bool = True) -> str:
+               tokenizer_md: dict | None = None, name: str = "qlora70", progress: bool = True, *,
+               pure: bool = False, provenance: Provenance | None = None) -> str:
     """Write a llama.cpp GGUF (architecture 'llama') atomically and return its path.
 
-    specs: [(hf_name, shape, produce)] in file order; `produce()` returns the weight (any float dtype, HF layout).
-    2-D weights are stored as `qtype` (Q8_0 falls back to F16 for rows not divisible by 32), 1-D as F32; Q/K rows are
-    permuted to llama.cpp's layout. tokenizer_md: {key: (value, vtype, subtype)} from `tokenizer_metadata`.
+    specs: [(hf_name, shape, produce)] in file order; `produce()` returns the weight (any float dtype, HF layout),
+    called once per tensor just before its bytes are written, so host memory stays near one tensor. Tensor types
+    follow llama-quantize for `qtype` (`gguf_kquants.tensor_types`: e.g. Q4_K_M mixes Q4_K/Q6_K and falls back to
+    Q5_0/Q8_0 for rows that are not whole 256-blocks); 1-D tensors are F32; Q/K rows are permuted to llama.cpp's
+    layout. tokenizer_md: {key: (value, vtype, subtype)} from `tokenizer_metadata`; provenance: see `Provenance`.
     """
     import gguf  # the writer of llama.cpp's own python package
-    import numpy as np
     from tqdm import tqdm
 
     qtype = qtype.upper()
     if qtype not in GGUF_QTYPES:
-        raise ValueError(f"export qtype must be one of {GGUF_QTYPES}, got {qtype!r}")
+        raise ValueError(f"export qtype must be one of {', '.join(GGUF_QTYPES)}, got {qtype!r}")
     path = os.fspath(path)
     c = config
+    gnames = [(hf_to_gguf_name(n), tuple(shape)) for n, shape, _ in specs]
+    types = gguf_kquants.tensor_types(gnames, qtype, c.num_hidden_layers, c.num_attention_heads,
+                                      c.num_key_value_heads, pure=pure)
+    ftype = gguf_kquants.FTYPES[gguf_kquants.PURE_ALIASES.get(qtype, qtype)][0]
+    name = (provenance.name if provenance else None) or name
+    meta = {"general.name": (name, V_STRING, None), "general.file_type": (ftype, 4, None)}
+    meta |= provenance_metadata(provenance or Provenance(name=name))
+    meta |= tokenizer_md or {}
     with atomic_path(path) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, "llama")) as w:
-        w.add_name(name)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_block_count(c.num_hidden_layers)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        if c.head_dim * c.num_attention_heads != c.hidden_size:
-            w.add_key_length(c.head_dim)
-            w.add_value_length(c.head_dim)
-        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-        w.add_rope_freq_base(float(c.rope_theta))
-        w.add_file_type(_FILE_TYPE[qtype])
-        w.add_vocab_size(c.vocab_size)
-        for key, (val, vt, sub) in (tokenizer_md or {}).items():
+        _hparams(w, c)
+        for key, (val, vt, sub) in meta.items():
             w.add_key_value(key, val, gguf.GGUFValueType(vt), sub_type=None if sub is None else gguf.GGUFValueType(sub))
         w.add_quantization_version(2)
-        plan = []
-        for hf_name, shape, produce in specs:
-            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (None, shape[0])
-            if rows is None or qtype == "F32":
-                kind, byte_shape, nb, np_dt = "F32", tuple(shape), 4 * (cols * (rows or 1)), np.float32
-            elif qtype == "Q8_0" and cols % 32 == 0:
-                kind, byte_shape, np_dt = "Q8_0", (rows, cols // 32 * 34), np.uint8
-                nb = rows * cols // 32 * 34
-            else:
-                kind, byte_shape, nb, np_dt = "F16", tuple(shape), 2 * rows * cols, np.float16
-            raw = gguf.GGMLQuantizationType.Q8_0 if kind == "Q8_0" else None
-            w.add_tensor_info(hf_to_gguf_name(hf_name), byte_shape, np.dtype(np_dt), nb, raw_dtype=raw)
-            plan.append((hf_name, kind, produce))
+        for (gname, shape), (hf_name, _, _) in zip(gnames, specs):
+            t = types[gname]
+            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+            nb = rows * gguf_quants.row_bytes(t, cols)
+            byte_shape = (rows, nb // rows) if len(shape) == 2 else (nb,)
+            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nb, raw_dtype=gguf.GGMLQuantizationType[t])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for hf_name, kind, produce in tqdm(plan, desc="export gguf", unit="tensor", disable=not progress):
+        for (gname, shape), (hf_name, _, produce) in tqdm(list(zip(gnames, specs)), desc=f"export gguf {qtype}",
+                                                         unit="tensor", disable=not progress):
             t = produce().detach().float().cpu()
             if hf_name.endswith("q_proj.weight"):
                 t = permute_qk(t, c.num_attention_heads)
             elif hf_name.endswith("k_proj.weight"):
                 t = permute_qk(t, c.num_key_value_heads)
-            if kind == "Q8_0":
-                arr = quantize_q8_0(t).numpy()
-            else:
-                arr = t.contiguous().numpy().astype(np.float16 if kind == "F16" else np.float32, copy=False)
-            w.write_tensor_data(arr)
+            w.write_tensor_data(gguf_kquants.encode(t.reshape(-1, shape[-1]), types[gname]).numpy().reshape(-1))
+            del t
     return path

@@ -191,3 +191,78 @@ def encode(w: torch.Tensor, type_name: str) -> torch.Tensor:
         t = w.detach().to(torch.float32).to(dt).contiguous()
         return t.view(torch.uint8).reshape(t.shape[0], -1)
     return encode_rows(w, type_name, _encode_blocks)
+
+
+# ---- llama-quantize's per-tensor type choice (llama.cpp src/llama-quant.cpp, llama_tensor_get_type) ----------------
+# export name -> (llama_ftype id written as general.file_type, base tensor type)
+FTYPES: dict[str, tuple[int, str]] = {
+    "F32": (0, "F32"), "F16": (1, "F16"), "BF16": (32, "BF16"), "Q8_0": (7, "Q8_0"), "Q4_0": (2, "Q4_0"),
+    "Q4_1": (3, "Q4_1"), "Q5_0": (8, "Q5_0"), "Q5_1": (9, "Q5_1"), "Q6_K": (18, "Q6_K"), "Q4_K_S": (14, "Q4_K"),
+    "Q4_K_M": (15, "Q4_K"), "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
+}
+PURE_ALIASES = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}  # one type for every weight (llama-quantize --pure)
+EXPORT_QTYPES = tuple(FTYPES) + tuple(PURE_ALIASES)
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _fallback(t: str, cols: int) -> str:
+    """A type whose block divides the row (llama.cpp tensor_type_fallback): K-quants -> 32-block types -> F16."""
+    if cols % BLOCK[t][0]:
+        t = _K_FALLBACK.get(t, t)
+        if cols % BLOCK[t][0]:
+            t = "F16"
+    return t
+
+
+def tensor_types(tensors: list[tuple[str, tuple[int, ...]]], qtype: str, n_layer: int, n_head: int,
+                 n_head_kv: int, pure: bool = False) -> dict[str, str]:
+    """{GGUF tensor name: tensor type} for an export as `qtype`, as llama-quantize composes it for a Llama
+    (no importance matrix): `tensors` [(GGUF name, row-major shape)] in file order. 1-D tensors are F32. For the
+    quantized types the output (or the tied token embedding) is Q6_K (Q8_0 if its rows are not whole 256-blocks);
+    the _M mixtures give Q6_K to attn_v and ffn_down of the layers `use_more_bits` picks (the first and last eighth and
+    every third between), _S gives Q5_K to the first 4 attn_v and the first eighth of ffn_down; a 70B-shaped model
+    (80 layers, GQA) gets Q5_K attn_v for Q4_K. Rows that are not whole blocks fall back (Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0, then F16). `pure` (or qtype "Q4_K"/"Q5_K") skips the mixture rules, keeping the fallbacks."""
+    if qtype in PURE_ALIASES:
+        qtype, pure = PURE_ALIASES[qtype], True
+    if qtype not in FTYPES:
+        raise ValueError(f"GGUF export type must be one of {', '.join(EXPORT_QTYPES)}, got {qtype!r}")
+    base = FTYPES[qtype][1]
+    names = [n for n, _ in tensors]
+    tied = "output.weight" not in names
+    n_v = sum(1 for n in names if n.endswith("attn_v.weight"))
+    is_70b = n_layer == 80 and n_head != n_head_kv
+    i_v = i_down = 0
+    out = {}
+    for name, shape in tensors:
+        if len(shape) < 2:
+            out[name] = "F32"
+            continue
+        cols = shape[-1]
+        if base in ("F32", "F16", "BF16"):
+            out[name] = base
+            continue
+        t = base
+        if not pure:
+            if name == "output.weight" or (tied and name == "token_embd.weight"):
+                t = "Q8_0" if cols % BLOCK[base][0] else ("Q6_K" if base != "Q8_0" else base)
+            elif name.endswith("attn_v.weight"):
+                if qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_v, n_v):
+                    t = "Q6_K"
+                elif qtype == "Q4_K_S" and i_v < 4:
+                    t = "Q5_K"
+                if is_70b and t == "Q4_K":
+                    t = "Q5_K"
+                i_v += 1
+            elif name.endswith("ffn_down.weight"):
+                if qtype in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i_down, n_layer):
+                    t = "Q6_K"
+                elif qtype == "Q4_K_S" and i_down < n_layer // 8:
+                    t = "Q5_K"
+                i_down += 1
+        out[name] = _fallback(t, cols)
+    return out
