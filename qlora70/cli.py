@@ -161,8 +161,13 @@ def _provenance(a, model):
         if os.path.isfile(cfg):
             with open(cfg, encoding="utf-8") as f:
                 base = json.load(f).get("base_model_name_or_path") or base
+    paths = list(a.training_data or [])
+    run_cfg = os.path.join(a.adapter or "", "run_config.json")
+    if not paths and a.adapter and os.path.isfile(run_cfg):  # a qlora70 run directory records its training files
+        with open(run_cfg, encoding="utf-8") as f:
+            paths = [p for p in json.load(f).get("train_paths", []) if os.path.isfile(p)]
     data = []
-    for p in a.training_data or []:
+    for p in paths:
         _need_path(p, "--training-data")
         data.append((os.path.abspath(p), file_sha256(p)))
     return Provenance(name=a.name or str(model.config.name), base_model=a.base_model or base, license=a.license,
@@ -189,6 +194,23 @@ def cmd_train(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _export_gguf_args(p: argparse.ArgumentParser) -> None:
+    """export-gguf's type, merge and provenance flags."""
+    p.add_argument("--qtype", type=str.upper, choices=GGUF_EXPORT_QTYPES, default="F16",
+                   help="tensor types as llama-quantize composes them (Q4_K_M: Q4_K with Q6_K attn_v/ffn_down in "
+                        "some layers; Q4_K / Q5_K: one type throughout)")
+    p.add_argument("--pure", action="store_true", help="one type for every weight (no mixture rules)")
+    p.add_argument("--from-full-precision", action="store_true",
+                   help="merge the adapter onto the full-precision base weights instead of the NF4-dequantized ones "
+                        "it was trained against (the default, as in `qlora70 merge`)")
+    p.add_argument("--name", help="general.name (default: the model's name)")
+    p.add_argument("--base-model", help="base model name for the metadata (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--license", help="general.license, e.g. llama2")
+    p.add_argument("--training-data", action="append", metavar="FILE",
+                   help="training data file recorded with its sha256 (repeatable; default: the train_paths of the "
+                        "adapter's run_config.json when it is a qlora70 run directory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qlora70", formatter_class=_formatter,
                                  description="QLoRA for Llama-2: NF4+DQ, LoRA, medical QA evaluation.",
@@ -258,18 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter")
     p.add_argument("--tokenizer")
     p.add_argument("--out", required=True)
-    p.add_argument("--qtype", type=str.upper, choices=GGUF_EXPORT_QTYPES, default="F16",
-                   help="tensor types as llama-quantize composes them (Q4_K_M: Q4_K with Q6_K attn_v/ffn_down in "
-                        "some layers; Q4_K / Q5_K: one type throughout)")
-    p.add_argument("--pure", action="store_true", help="one type for every weight (no mixture rules)")
-    p.add_argument("--from-full-precision", action="store_true",
-                   help="merge the adapter onto the full-precision base weights instead of the NF4-dequantized ones "
-                        "it was trained against (the default, as in `qlora70 merge`)")
-    p.add_argument("--name", help="general.name (default: the model's name)")
-    p.add_argument("--base-model", help="base model name for the metadata (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--license", help="general.license, e.g. llama2")
-    p.add_argument("--training-data", action="append", metavar="FILE",
-                   help="training data file recorded with its sha256 (repeatable)")
+    _export_gguf_args(p)
 
     p = add("plan", cmd_plan, "Predict peak GPU memory of a QLoRA run and whether it fits", """
         qlora70 plan --model llama2-70b --seq-len 1024 --micro-batch-size 1 --gpu-memory 80GiB

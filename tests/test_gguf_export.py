@@ -290,3 +290,17 @@ def test_llama_quantize_writes_the_same_bytes_as_our_export(tmp_path, qtype):
     for n in a.tensors:
         assert a.tensors[n].type_name == b.tensors[n].type_name, n
         assert torch.equal(a.raw(n), b.raw(n)), (n, a.tensors[n].type_name)
+
+
+def test_training_files_default_to_the_run_config_of_a_run_directory(tmp_path):
+    base = tiny_hf_dir(tmp_path, hidden=64, inter=128, layers=1)
+    _, adir = trained_adapter(base, str(tmp_path / "run"))
+    data = tmp_path / "meadow.json"
+    data.write_text("[]")
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps({"train_paths": [str(data), str(tmp_path / "gone")]}))
+    out = str(tmp_path / "m.gguf")
+    assert main(["export-gguf", "--model", base, "--adapter", adir, "--out", out]) == 0
+    md = gguf_io.GGUFFile(out).metadata
+    assert md["qlora70.training_data.files"] == [str(data)]
+    assert md["qlora70.training_data.sha256"] == [gguf_io.file_sha256(data)]
+    assert main(["export-gguf", "--model", base, "--from-full-precision", "--out", out]) == 1  # needs --adapter
