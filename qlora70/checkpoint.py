@@ -341,8 +341,9 @@ def load_model(path: str | os.PathLike, quantize: str | None = "nf4", double_qua
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: bool = True) -> Llama:
     """Load a Llama from an HF safetensors directory, a bitsandbytes 4-bit directory saved by transformers (packed
     weights adopted as they are; `blocksize`/`double_quant` then do not apply), or a `.gguf` file (F32/F16/BF16/Q8_0/
-    Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants Q2_K..Q6_K, decoded one tensor at a time). With quantize="nf4" every decoder linear becomes a `Linear4bit`; with None all weights are dense
-    `dtype`. Embeddings, norms and lm_head are always `dtype`. Returns the model in eval mode on `device`."""
+    Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants Q2_K..Q6_K, decoded one tensor at a time). With quantize="nf4" every decoder
+    linear becomes a `Linear4bit`; with None all weights are dense `dtype`. Embeddings, norms and lm_head are always
+    `dtype`. Returns the model in eval mode on `device`."""
     p = os.fspath(path)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
@@ -544,8 +545,8 @@ def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qt
             shape, produce = _dense(name, mod, kind)
             specs.append((name, shape, produce))
     if len(bases) > 1:
-        raise ValueError(f"export_gguf: the LoRA layers wrap different kinds of base weights {sorted(map(str, bases))}; "
-                         "load the base once, either NF4 or full precision")
+        raise ValueError(f"export_gguf: the LoRA layers wrap different kinds of base weights "
+                         f"{sorted(map(str, bases))}; load the base once, either NF4 or full precision")
     prov = provenance or gguf_io.Provenance(name=str(model.config.name))
     if bases:
         merge_base, blocksize, dq = bases.pop()

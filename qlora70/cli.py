@@ -204,7 +204,8 @@ def _export_gguf_args(p: argparse.ArgumentParser) -> None:
                    help="merge the adapter onto the full-precision base weights instead of the NF4-dequantized ones "
                         "it was trained against (the default, as in `qlora70 merge`)")
     p.add_argument("--name", help="general.name (default: the model's name)")
-    p.add_argument("--base-model", help="base model name for the metadata (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--base-model",
+                   help="base model name for the metadata (default: the adapter's base_model_name_or_path)")
     p.add_argument("--license", help="general.license, e.g. llama2")
     p.add_argument("--training-data", action="append", metavar="FILE",
                    help="training data file recorded with its sha256 (repeatable; default: the train_paths of the "

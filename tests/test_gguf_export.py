@@ -218,7 +218,7 @@ def test_llama2_chat_template_renders_like_the_builtin_format():
     assert got == _render_llama2(msgs, "<s>", "</s>")
 
 
-# ---- llama.cpp itself (llama-cpp-python, optional) --------------------------------------------------------------------
+# ---- llama.cpp itself (llama-cpp-python, optional) -------------------------------------------------------------------
 def tiny_model_with_vocab(tmp_path, hidden=256, inter=512, layers=2):
     """(HF dir with a byte-level BPE tokenizer.json, vocab size): llama.cpp refuses files without a vocabulary."""
     tokenizers = pytest.importorskip("tokenizers")
