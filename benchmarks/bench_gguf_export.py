@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out = dict(model=model, adapter=a.adapter, tokens=sum(len(w) - 1 for w in wins), n_ctx=a.n_ctx,
                qlora70_trained_ppl=float(np.exp(ref_nll)), prompt=PROMPT, exports=rows, llama_quantize=own,
                llama_cpp_version=getattr(llama_cpp, "__version__", "?"), threads=a.threads,
-               machine=open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ")
+               machine=open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
                if os.path.exists("/proc/cpuinfo") else "?")
     atomic_write_json(a.json, out, default=str)
     print(f"wrote {a.json}")
