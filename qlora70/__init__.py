@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .config import VERSION as __version__
 
 # public name -> defining module
 _EXPORTS = {

@@ -250,8 +250,9 @@ def load_model(path: str | os.PathLike, quantize: str | None = "nf4", double_qua
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: bool = True) -> Llama:
     """Load a Llama from an HF safetensors directory, a bitsandbytes 4-bit directory saved by transformers (packed
     weights adopted as they are; `blocksize`/`double_quant` then do not apply), or a `.gguf` file (F32/F16/BF16/Q8_0/
-    Q4_0/Q4_1). With quantize="nf4" every decoder linear becomes a `Linear4bit`; with None all weights are dense
-    `dtype`. Embeddings, norms and lm_head are always `dtype`. Returns the model in eval mode on `device`."""
+    Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants Q2_K..Q6_K, decoded one tensor at a time). With quantize="nf4" every decoder
+    linear becomes a `Linear4bit`; with None all weights are dense `dtype`. Embeddings, norms and lm_head are always
+    `dtype`. Returns the model in eval mode on `device`."""
     p = os.fspath(path)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
@@ -472,24 +473,52 @@ def save_quantized(model: Llama, out_dir: str | os.PathLike, max_shard_size: int
 
 
 def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qtype: str = "F16", *,
-                gguf_type: str | None = None, progress: bool = True) -> str:
-    """Write a llama.cpp GGUF ("F16", "Q8_0" or "F32"; norms stay F32; Q/K rows permuted to llama.cpp's layout).
-    Tokenizer metadata comes from `tokenizer` (a qlora70 Tokenizer, or a path to a .gguf / tokenizer.model /
-    tokenizer.json / directory) or, when None, from the GGUF / directory the model was loaded from (if it holds one);
-    without either the file has no vocabulary (llama.cpp then cannot run it). `gguf_type` is an alias of `qtype`.
-    Returns the path."""
+                gguf_type: str | None = None, progress: bool = True, pure: bool = False,
+                provenance: gguf_io.Provenance | None = None) -> str:
+    """Write a llama.cpp GGUF of `model` as `qtype` (gguf_io.GGUF_QTYPES: F16/BF16/F32, Q8_0, Q4_0/Q4_1/Q5_0/Q5_1,
+    Q6_K, Q4_K_S/Q4_K_M/Q5_K_S/Q5_K_M, or pure Q4_K/Q5_K; tensor types chosen as llama-quantize does; norms F32).
+
+    LoRA layers are merged tensor by tensor as `qlora70.lora.merge_lora` does (W = base_weight(fp32) + scale * B @ A)
+    onto the base the adapter wraps: the NF4-dequantized weights for a model loaded with quantize="nf4" (what the
+    adapter was trained against, and `qlora70 merge`'s default) or the dense ones; which one goes into the metadata
+    (`qlora70.merge_base`), with `provenance`. Only one merged tensor is dense at a time. Tokenizer metadata comes from
+    `tokenizer` (a qlora70 Tokenizer, or a path to a .gguf / tokenizer.model / tokenizer.json / directory) or, when
+    None, from the GGUF / directory the model was loaded from (if it holds one); without either the file has no
+    vocabulary (llama.cpp then cannot run it). `gguf_type` is an alias of `qtype`. Returns the path."""
+    import dataclasses
+
+    from .lora import LoRALinear
+
     qtype = (gguf_type or qtype).upper()
     src = str(getattr(model, "source_path", ""))
     if tokenizer is None and src and (src.endswith(".gguf") or any(
             os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.model", "tokenizer.json"))):
         tokenizer = src
     tok_md = tokenizer_metadata(tokenizer) if tokenizer is not None else None
-    specs = []
+    specs, bases = [], set()
     for name, mod, kind in _layer_modules(model):
-        shape, produce = _dense(name, mod, kind)
-        specs.append((name, shape, produce))
+        if isinstance(mod, LoRALinear):
+            b = mod.base_layer
+            bases.add(("nf4-dequantized", b.quant.blocksize, b.quant.double_quant) if isinstance(b, Linear4bit)
+                      else ("full-precision", None, None))
+            specs.append((name, (mod.out_features, mod.in_features), functools.partial(_lora_merged, mod)))
+        else:
+            shape, produce = _dense(name, mod, kind)
+            specs.append((name, shape, produce))
+    if len(bases) > 1:
+        raise ValueError(f"export_gguf: the LoRA layers wrap different kinds of base weights "
+                         f"{sorted(map(str, bases))}; load the base once, either NF4 or full precision")
+    prov = provenance or gguf_io.Provenance(name=str(model.config.name))
+    if bases:
+        merge_base, blocksize, dq = bases.pop()
+        prov = dataclasses.replace(prov, merge_base=merge_base, nf4_blocksize=blocksize, nf4_double_quant=dq)
     return gguf_io.write_gguf(path, model.config, specs, qtype=qtype, tokenizer_md=tok_md,
-                              name=str(model.config.name), progress=progress)
+                              name=str(model.config.name), progress=progress, pure=pure, provenance=prov)
+
+
+def _lora_merged(mod: nn.Module) -> torch.Tensor:
+    """A LoRALinear's merged weight [out, in] fp32, the formula of lora.merge_lora (LoRA or DoRA)."""
+    return mod.merged_weight()
 
 
 def save_merged(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
@@ -509,11 +538,11 @@ def save_merged(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = t
         raise ValueError(f"save_merged: format must be one of {formats}, got {format!r}")
     if not any(True for _ in lora_modules(model)):
         raise ValueError("save_merged: the model has no LoRA layers; use qlora70.checkpoint.save_hf for a plain model")
+    if format == "gguf":  # merged one tensor at a time in fp32 while writing (no bf16 rounding before F16)
+        return export_gguf(model, out_dir, qtype=gguf_type.upper(), **kwargs)
     m = model if inplace else copy.deepcopy(model)
     if format == "bnb4":
         merge_lora(m, dtype=dtype, requantize=True)
         return save_quantized(m, out_dir, **kwargs)
     merge_lora(m, dtype=dtype)
-    if format == "gguf":
-        return export_gguf(m, out_dir, qtype=gguf_type, **kwargs)
     return save_hf(m, out_dir, dtype=dtype, **kwargs)

@@ -15,6 +15,9 @@ import textwrap
 from .recipe import add_model_args, add_train_args, check_out_dir, run_config_from_args
 
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+# = qlora70.gguf_io.GGUF_QTYPES (kept literal so building the parser imports nothing heavy; tests check they agree)
+GGUF_EXPORT_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K_S", "Q4_K_M",
+                      "Q5_K_S", "Q5_K_M", "Q4_K", "Q5_K")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -206,30 +209,75 @@ def cmd_merge(a) -> int:
 def add_export_gguf_parser(sub) -> None:
     p = _command(sub, "export-gguf", cmd_export_gguf, "Export a (merged) model as a llama.cpp GGUF file", """
         qlora70 export-gguf --model ./Llama-2-7b-hf --adapter runs/7b --out model-f16.gguf
-        qlora70 export-gguf --model ./merged --out model-q8.gguf --qtype Q8_0""")
+        qlora70 export-gguf --model ./merged --out model-q8.gguf --qtype Q8_0
+        qlora70 export-gguf --model ./Llama-2-7b-hf --adapter runs/7b --qtype Q4_K_M --out sm70-q4km.gguf \\
+            --license llama2 --training-data data/medical_meadow/train.jsonl""")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
     p.add_argument("--tokenizer")
     p.add_argument("--out", required=True)
-    p.add_argument("--qtype", choices=["F16", "Q8_0", "F32"], default="F16")
+    p.add_argument("--qtype", type=str.upper, choices=GGUF_EXPORT_QTYPES, default="F16",
+                   help="tensor types as llama-quantize composes them (Q4_K_M: Q4_K with Q6_K attn_v/ffn_down in "
+                        "some layers; Q4_K / Q5_K: one type throughout)")
+    p.add_argument("--pure", action="store_true", help="one type for every weight (no mixture rules)")
+    p.add_argument("--from-full-precision", action="store_true",
+                   help="merge the adapter onto the full-precision base weights instead of the NF4-dequantized ones "
+                        "it was trained against (the default, as in `qlora70 merge`)")
+    p.add_argument("--name", help="general.name (default: the model's name)")
+    p.add_argument("--base-model",
+                   help="base model name for the metadata (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--license", help="general.license, e.g. llama2")
+    p.add_argument("--training-data", action="append", metavar="FILE",
+                   help="training data file recorded with its sha256 (repeatable; default: the train_paths of the "
+                        "adapter's run_config.json when it is a qlora70 run directory)")
 
 
 def cmd_export_gguf(a) -> int:
     from .checkpoint import export_gguf, tokenizer_for
-    from .lora import merge_lora
 
     _need_path(a.model, "--model")
-    m = _load(a, a.adapter, None, device="cpu")
-    if a.adapter:
-        merge_lora(m)
+    if a.from_full_precision and not a.adapter:
+        raise CLIError("--from-full-precision chooses the base an adapter is merged onto; it needs --adapter")
+    # the adapter is merged onto the base it was trained against (NF4-dequantized), as `qlora70 merge` does
+    m = _load(a, a.adapter, "nf4" if a.adapter and not a.from_full_precision else None, device="cpu")
     tok = None
     try:
         tok = tokenizer_for(a.model, a.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
-    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype)
-    print(f"wrote {a.out} ({a.qtype})")
+    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype, pure=a.pure, provenance=_provenance(a, m))
+    merged = "" if not a.adapter else (" (adapter merged onto the " +
+                                       ("full-precision" if a.from_full_precision else "NF4-dequantized") + " base)")
+    print(f"wrote {a.out} ({a.qtype}){merged}")
     return 0
+
+
+def _provenance(a, model):
+    """gguf_io.Provenance from the export-gguf flags: adapter and training files are hashed (sha256)."""
+    import json
+
+    from .gguf_io import Provenance, file_sha256
+
+    base, sha = os.path.basename(os.path.normpath(a.model)), None
+    if a.adapter:
+        weights = os.path.join(a.adapter, "adapter_model.safetensors")
+        sha = file_sha256(weights) if os.path.isfile(weights) else None
+        cfg = os.path.join(a.adapter, "adapter_config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                base = json.load(f).get("base_model_name_or_path") or base
+    paths = list(a.training_data or [])
+    run_cfg = os.path.join(a.adapter or "", "run_config.json")
+    if not paths and a.adapter and os.path.isfile(run_cfg):  # a qlora70 run directory records its training files
+        with open(run_cfg, encoding="utf-8") as f:
+            paths = [p for p in json.load(f).get("train_paths", []) if os.path.isfile(p)]
+    data = []
+    for p in paths:
+        _need_path(p, "--training-data")
+        data.append((os.path.abspath(p), file_sha256(p)))
+    return Provenance(name=a.name or str(model.config.name), base_model=a.base_model or base, license=a.license,
+                      adapter_path=os.path.abspath(a.adapter) if a.adapter else None, adapter_sha256=sha,
+                      training_data=tuple(data))
 
 
 # ---- plan ------------------------------------------------------------------------------------------------------

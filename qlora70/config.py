@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VERSION = "0.1.0"  # qlora70.__version__ (written into exported files); setup.py says the same
+
 IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding): HF / PyTorch convention
 
 

@@ -1,12 +1,8 @@
 """llama.cpp GGUF files: a small reader (header, metadata, tensor index, block dequantization in torch) and a writer.
 
 Reading parses the header through a short-lived mmap and reads each tensor with one positioned read (tensor data is
-never mapped). Supported tensor types: F32, F16, BF16, Q8_0, Q4_0,
-Q4_1 (block formats from llama.cpp's ggml-common.h, 32 weights per block):
-    Q8_0  34 bytes: fp16 d, 32 x int8 q                      w = d * q
-    Q4_0  18 bytes: fp16 d, 16 bytes of nibbles             w = d * (q - 8)
-    Q4_1  20 bytes: fp16 d, fp16 m, 16 bytes of nibbles     w = d * q + m
-  (nibbles: the low nibble of byte j is element j, the high nibble element j + 16).
+never mapped). Tensor types read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+(block codecs and their layouts in `gguf_quants`).
 GGUF lists dims fastest-first, so a ggml [in, out] tensor is a row-major torch [out, in] tensor.
 
 llama.cpp stores Q and K weights row-permuted for its interleaved ("normal") RoPE; HF uses rotate-half:
@@ -25,19 +21,15 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from .config import LlamaConfig
+from .config import VERSION, LlamaConfig
+from . import gguf_kquants, gguf_quants
+from .gguf_quants import DECODABLE, GGML_TYPES, dequantize, quantize_q8_0  # noqa: F401 (re-exported)
 from .io import atomic_path
 
-# ggml tensor types: id -> (name, elements per block, bytes per block)
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
-}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = DECODABLE
 
 # metadata value types
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -181,48 +173,6 @@ def read_bytes(path: str, offset: int, nbytes: int, what: str = "data") -> torch
     return buf
 
 
-def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """GGUF bytes (uint8 [nbytes]) of `type_name` -> fp32 tensor of `shape` (row-major)."""
-    n = 1
-    for d in shape:
-        n *= d
-    if type_name == "F32":
-        return raw.view(torch.float32).reshape(shape).clone()
-    if type_name in ("F16", "BF16"):
-        return raw.view(torch.float16 if type_name == "F16" else torch.bfloat16).float().reshape(shape)
-    if type_name == "Q8_0":
-        b = raw.view(-1, 34)  # (nb, 34)
-        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
-        q = b[:, 2:].contiguous().view(torch.int8).float()  # (nb, 32)
-        return (d * q).reshape(shape)
-    if type_name in ("Q4_0", "Q4_1"):
-        bb = 18 if type_name == "Q4_0" else 20
-        b = raw.view(-1, bb)
-        d = b[:, :2].contiguous().view(torch.float16).float()  # (nb, 1)
-        qs = b[:, bb - 16:]  # (nb, 16)
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (nb, 32): low nibbles are elements 0..15
-        if type_name == "Q4_0":
-            return (d * (q - 8.0)).reshape(shape)
-        m = b[:, 2:4].contiguous().view(torch.float16).float()
-        return (d * q + m).reshape(shape)
-    raise ValueError(f"unsupported GGUF tensor type {type_name}")
-
-
-def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
-    """fp32 [rows, cols] (cols % 32 == 0) -> Q8_0 bytes uint8 [rows, cols / 32 * 34], bit-exact with ggml's reference
-    (d = absmax / 127, q = round-half-away(x / d), d stored as fp16)."""
-    rows, cols = w.shape
-    blocks = w.float().reshape(-1, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127  # (nb, 1)
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    x = blocks * inv
-    a = x.abs()
-    fl = a.floor()
-    q = torch.sign(x) * (fl + torch.floor(2 * (a - fl)))  # round half away from zero, as ggml's roundf
-    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
-    return out.reshape(rows, cols // 32 * 34)
-
-
 def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF rotate-half rows -> llama.cpp interleaved rows. w [n_head * hd, in]."""
     out, inp = w.shape
@@ -305,71 +255,133 @@ def config_from_gguf(g: GGUFFile) -> LlamaConfig:
 
 
 # ---- writer --------------------------------------------------------------------------------------------------------
-GGUF_QTYPES = ("F32", "F16", "Q8_0")
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7}  # llama.cpp LlamaFileType
+@dataclass(frozen=True)
+class Provenance:
+    """Where an exported model came from, written as `general.*` (name, license, base model, datasets) and
+    `qlora70.*` keys (merge base, adapter path + sha256 of its weights file, training data files + sha256)."""
+    name: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+    adapter_path: str | None = None
+    adapter_sha256: str | None = None
+    training_data: tuple[tuple[str, str], ...] = ()  # (path, sha256)
+    merge_base: str | None = None  # "nf4-dequantized" | "full-precision"; None: no adapter merged
+    nf4_blocksize: int | None = None
+    nf4_double_quant: bool | None = None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def array_value(vals: list, sub: int) -> tuple[list, int, int]:
+    """A metadata array value (vals, V_ARRAY, element type)."""
+    return (vals, V_ARRAY, sub)
+
+
+_arr = array_value
+
+
+def provenance_metadata(p: Provenance) -> dict[str, tuple[Any, int, int | None]]:
+    """{key: (value, vtype, subtype)} for `p` (keys whose value is unknown are left out)."""
+    md: dict = {"general.type": ("model", V_STRING, None), "general.quantized_by": ("qlora70", V_STRING, None),
+                "qlora70.version": (VERSION, V_STRING, None),
+                "qlora70.merge_base": (p.merge_base or "none (no adapter merged)", V_STRING, None)}
+    if p.license:
+        md["general.license"] = (p.license, V_STRING, None)
+    if p.base_model:
+        md["general.base_model.count"] = (1, 4, None)
+        md["general.base_model.0.name"] = (p.base_model, V_STRING, None)
+    if p.nf4_blocksize is not None:
+        md["qlora70.nf4.blocksize"] = (int(p.nf4_blocksize), 4, None)
+        md["qlora70.nf4.double_quant"] = (bool(p.nf4_double_quant), 7, None)
+    if p.adapter_path:
+        md["general.finetune"] = (os.path.basename(os.path.normpath(p.adapter_path)), V_STRING, None)
+        md["qlora70.adapter.path"] = (os.fspath(p.adapter_path), V_STRING, None)
+    if p.adapter_sha256:
+        md["qlora70.adapter.sha256"] = (p.adapter_sha256, V_STRING, None)
+    if p.training_data:
+        md["general.dataset.count"] = (len(p.training_data), 4, None)
+        for i, (path, _) in enumerate(p.training_data):
+            md[f"general.dataset.{i}.name"] = (os.path.basename(path), V_STRING, None)
+        md["qlora70.training_data.files"] = _arr([os.fspath(f) for f, _ in p.training_data], V_STRING)
+        md["qlora70.training_data.sha256"] = _arr([h for _, h in p.training_data], V_STRING)
+    return md
+
+
+def _hparams(w: Any, c: LlamaConfig) -> None:
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_vocab_size(c.vocab_size)
+
+
+GGUF_QTYPES = gguf_kquants.EXPORT_QTYPES
 
 
 def write_gguf(path: str | os.PathLike, config: LlamaConfig, specs: list, qtype: str = "F16",
-               tokenizer_md: dict | None = None, name: str = "qlora70", progress: bool = True) -> str:
+               tokenizer_md: dict | None = None, name: str = "qlora70", progress: bool = True, *,
+               pure: bool = False, provenance: Provenance | None = None) -> str:
     """Write a llama.cpp GGUF (architecture 'llama') atomically and return its path.
 
-    specs: [(hf_name, shape, produce)] in file order; `produce()` returns the weight (any float dtype, HF layout).
-    2-D weights are stored as `qtype` (Q8_0 falls back to F16 for rows not divisible by 32), 1-D as F32; Q/K rows are
-    permuted to llama.cpp's layout. tokenizer_md: {key: (value, vtype, subtype)} from `tokenizer_metadata`.
+    specs: [(hf_name, shape, produce)] in file order; `produce()` returns the weight (any float dtype, HF layout),
+    called once per tensor just before its bytes are written, so host memory stays near one tensor. Tensor types
+    follow llama-quantize for `qtype` (`gguf_kquants.tensor_types`: e.g. Q4_K_M mixes Q4_K/Q6_K and falls back to
+    Q5_0/Q8_0 for rows that are not whole 256-blocks); 1-D tensors are F32; Q/K rows are permuted to llama.cpp's
+    layout. tokenizer_md: {key: (value, vtype, subtype)} from `tokenizer_metadata`; provenance: see `Provenance`.
     """
     import gguf  # the writer of llama.cpp's own python package
-    import numpy as np
     from tqdm import tqdm
 
     qtype = qtype.upper()
     if qtype not in GGUF_QTYPES:
-        raise ValueError(f"export qtype must be one of {GGUF_QTYPES}, got {qtype!r}")
+        raise ValueError(f"export qtype must be one of {', '.join(GGUF_QTYPES)}, got {qtype!r}")
     path = os.fspath(path)
     c = config
+    gnames = [(hf_to_gguf_name(n), tuple(shape)) for n, shape, _ in specs]
+    types = gguf_kquants.tensor_types(gnames, qtype, c.num_hidden_layers, c.num_attention_heads,
+                                      c.num_key_value_heads, pure=pure)
+    ftype = gguf_kquants.FTYPES[gguf_kquants.PURE_ALIASES.get(qtype, qtype)][0]
+    name = (provenance.name if provenance else None) or name
+    meta = {"general.name": (name, V_STRING, None), "general.file_type": (ftype, 4, None)}
+    meta |= provenance_metadata(provenance or Provenance(name=name))
+    meta |= tokenizer_md or {}
     with atomic_path(path) as tmp, contextlib.closing(gguf.GGUFWriter(tmp, "llama")) as w:
-        w.add_name(name)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_block_count(c.num_hidden_layers)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        if c.head_dim * c.num_attention_heads != c.hidden_size:
-            w.add_key_length(c.head_dim)
-            w.add_value_length(c.head_dim)
-        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-        w.add_rope_freq_base(float(c.rope_theta))
-        w.add_file_type(_FILE_TYPE[qtype])
-        w.add_vocab_size(c.vocab_size)
-        for key, (val, vt, sub) in (tokenizer_md or {}).items():
+        _hparams(w, c)
+        for key, (val, vt, sub) in meta.items():
             w.add_key_value(key, val, gguf.GGUFValueType(vt), sub_type=None if sub is None else gguf.GGUFValueType(sub))
         w.add_quantization_version(2)
-        plan = []
-        for hf_name, shape, produce in specs:
-            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (None, shape[0])
-            if rows is None or qtype == "F32":
-                kind, byte_shape, nb, np_dt = "F32", tuple(shape), 4 * (cols * (rows or 1)), np.float32
-            elif qtype == "Q8_0" and cols % 32 == 0:
-                kind, byte_shape, np_dt = "Q8_0", (rows, cols // 32 * 34), np.uint8
-                nb = rows * cols // 32 * 34
-            else:
-                kind, byte_shape, nb, np_dt = "F16", tuple(shape), 2 * rows * cols, np.float16
-            raw = gguf.GGMLQuantizationType.Q8_0 if kind == "Q8_0" else None
-            w.add_tensor_info(hf_to_gguf_name(hf_name), byte_shape, np.dtype(np_dt), nb, raw_dtype=raw)
-            plan.append((hf_name, kind, produce))
+        for (gname, shape), (hf_name, _, _) in zip(gnames, specs):
+            t = types[gname]
+            rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+            nb = rows * gguf_quants.row_bytes(t, cols)
+            byte_shape = (rows, nb // rows) if len(shape) == 2 else (nb,)
+            w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nb, raw_dtype=gguf.GGMLQuantizationType[t])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for hf_name, kind, produce in tqdm(plan, desc="export gguf", unit="tensor", disable=not progress):
+        for (gname, shape), (hf_name, _, produce) in tqdm(list(zip(gnames, specs)), desc=f"export gguf {qtype}",
+                                                         unit="tensor", disable=not progress):
             t = produce().detach().float().cpu()
             if hf_name.endswith("q_proj.weight"):
                 t = permute_qk(t, c.num_attention_heads)
             elif hf_name.endswith("k_proj.weight"):
                 t = permute_qk(t, c.num_key_value_heads)
-            if kind == "Q8_0":
-                arr = quantize_q8_0(t).numpy()
-            else:
-                arr = t.contiguous().numpy().astype(np.float16 if kind == "F16" else np.float32, copy=False)
-            w.write_tensor_data(arr)
+            w.write_tensor_data(gguf_kquants.encode(t.reshape(-1, shape[-1]), types[gname]).numpy().reshape(-1))
+            del t
     return path

@@ -202,8 +202,9 @@ def _write_gguf(path, arch="llama", bad_type=None):
         gname = gguf_io.hf_to_gguf_name(name)
         arr = t.numpy().astype(np.float32)
         if gname == "blk.0.attn_q.weight" and bad_type is not None:
-            qt = gguf.GGMLQuantizationType[bad_type]
-            w.add_tensor(gname, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+            qt = gguf.GGMLQuantizationType[bad_type]  # raw blocks of a type qlora70 does not decode
+            bs, bb = gguf.GGML_QUANT_SIZES[qt]
+            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // bs * bb), np.uint8), raw_dtype=qt)
         else:
             w.add_tensor(gname, arr)
     w.write_header_to_file()
@@ -214,8 +215,8 @@ def _write_gguf(path, arch="llama", bad_type=None):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = _write_gguf(tmp_path / "q5.gguf", bad_type="Q5_0")
-    with pytest.raises(ValueError, match=r"q5\.gguf: tensor 'blk\.0\.attn_q\.weight' has GGUF type Q5_0"):
+    p = _write_gguf(tmp_path / "iq4.gguf", bad_type="IQ4_NL")
+    with pytest.raises(ValueError, match=r"iq4\.gguf: tensor 'blk\.0\.attn_q\.weight' has GGUF type IQ4_NL"):
         load_model(p, progress=False)
     ok = load_model(_write_gguf(tmp_path / "ok.gguf"), quantize=None, progress=False)  # the same file, all F32
     assert ok.config.num_hidden_layers == 2

@@ -19,7 +19,7 @@ MAX_FUNCTION_LINES = 80
 ORDER = (
     "io", "config", "launch",
     "native", "nf4", "kernels.nf4_kernels", "kernels", "ops", "layers",
-    "gguf_quants", "gguf_io", "safetensors_io",
+    "gguf_quants", "gguf_kquants", "gguf_io", "safetensors_io",
     "recompute", "dora", "lora", "model", "generation", "loftq",
     "tokenizer.pretokenize", "tokenizer.base", "tokenizer.sentencepiece", "tokenizer.bpe", "tokenizer.load",
     "tokenizer.gguf_meta", "tokenizer",

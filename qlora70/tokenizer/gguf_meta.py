@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..gguf_io import V_ARRAY, V_STRING
+from ..gguf_io import V_STRING, array_value as _arr
 from .load import load_tokenizer
 
 # ---- tokenizer metadata for export -----------------------------------------------------------------------------------
@@ -31,16 +31,50 @@ def tokenizer_metadata(source: Any) -> dict[str, tuple[Any, int, int | None]]:
         from ..gguf_io import GGUFFile  # imported here: gguf_io needs torch, the tokenizer does not
 
         g = GGUFFile(path)
-        return {k: (v, *g.types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
-    if isinstance(source, (str, os.PathLike)):  # a file path: its special ids / BOS convention via our tokenizer
-        source = load_tokenizer(path)
-    if path.endswith(".json"):
-        return _bpe_json_metadata(path, source)
-    return _sentencepiece_metadata(path, source)
+        md = {k: (v, *g.types[k]) for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+    else:
+        if isinstance(source, (str, os.PathLike)):  # a file path: its special ids / BOS convention via our tokenizer
+            source = load_tokenizer(path)
+        md = _bpe_json_metadata(path, source) if path.endswith(".json") else _sentencepiece_metadata(path, source)
+    return md | _chat_metadata(None if isinstance(source, (str, os.PathLike)) else source, md)
 
 
-def _arr(vals: list, sub: int) -> tuple[list, int, int]:
-    return (vals, V_ARRAY, sub)
+# Jinja chat templates written when the tokenizer has none of its own (llama.cpp matches them to its built-in
+# "llama2" / "chatml" formats); LLAMA2_JINJA is the chat_template of meta-llama/Llama-2-*-chat-hf.
+CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def _chat_metadata(tok: Any, md: dict) -> dict:
+    """tokenizer.chat_template and tokenizer.ggml.eot_token_id (the end-of-turn stop token) when `md` lacks them:
+    the tokenizer's own template, else the built-in Llama-2 (sentencepiece) or ChatML (byte BPE with <|im_start|>)."""
+    out: dict = {}
+    tokens = md.get("tokenizer.ggml.tokens", ([],))[0]
+    index = {t: i for i, t in enumerate(tokens) if t.startswith("<")} if tokens else {}
+    if "tokenizer.chat_template" not in md:
+        tpl = getattr(tok, "chat_template", None)
+        if not tpl:
+            model = md.get("tokenizer.ggml.model", (None,))[0]
+            fmt = getattr(tok, "chat_format", "llama2" if model == "llama" else "chatml")
+            tpl = LLAMA2_JINJA if fmt == "llama2" else CHATML_JINJA if "<|im_start|>" in index else None
+        if tpl:
+            out["tokenizer.chat_template"] = (tpl, V_STRING, None)
+    if "tokenizer.ggml.eot_token_id" not in md:
+        eot = next((index[t] for t in _EOT_TOKENS if t in index), None)
+        if eot is not None:
+            out["tokenizer.ggml.eot_token_id"] = (int(eot), 4, None)
+    return out
 
 
 def _sentencepiece_metadata(path: str, tok: Any) -> dict:
