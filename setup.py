@@ -29,6 +29,10 @@ setup(
         "demo": [],
         # Benchmark peers (optional): torchao's NF4Tensor.
         "bench": ["torchao"],
+        # llama.cpp itself, to run exported GGUF files (its tests skip without it). It builds llama.cpp from source
+        # (~20-50 min on 2 cores); for a portable build: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+        # -DGGML_F16C=ON" pip install ".[llamacpp]"
+        "llamacpp": ["llama-cpp-python>=0.3.36"],
     },
     entry_points={"console_scripts": ["qlora70=qlora70.cli:main"]},
 )
