@@ -40,8 +40,7 @@ from torch import nn
 from .config import IGNORE_INDEX, LoRAConfig, TrainConfig
 from .layers import Linear4bit
 from .data import Batches, TokenizedData
-from .lora import (ADAPTER_WEIGHTS, PEFT_PREFIX, canonical_adapter_key, get_lora_config, inject_lora, lora_modules,
-                   read_adapter_config, write_adapter)
+from .lora import PEFT_PREFIX, adapter_tensors, get_lora_config, inject_lora, lora_modules, write_adapter
 from .optim import PagedAdamW
 from .launch import launch, strip_nproc  # noqa: F401 (public here)
 from .train_state import base_checksum
@@ -263,31 +262,12 @@ def save_adapter_sharded(model: nn.Module, out_dir: str, base_model_name_or_path
 
 @torch.no_grad()
 def load_adapter_sharded(model: nn.Module, adapter_dir: str) -> nn.Module:
-    """Load a PEFT adapter into a sharded model that already has the same LoRA layers (each rank copies its shard)."""
-    from safetensors.torch import load_file
-
-    cfg = read_adapter_config(adapter_dir)
-    have = get_lora_config(model)
-    if (cfg.r, float(cfg.alpha), sorted(cfg.targets), cfg.use_rslora, cfg.use_dora) != \
-            (have.r, float(have.alpha), sorted(have.targets), have.use_rslora, have.use_dora):
-        raise ValueError(f"{adapter_dir}: adapter LoRA config {cfg} differs from the model's LoRA layers {have}")
-    wpath = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"{wpath} not found")
-    sd = load_file(wpath)
-    sd = {canonical_adapter_key(k): v for k, v in sd.items()}
-    expected = {f"{PEFT_PREFIX}{n}.{part}.weight": getattr(m, part).weight
-                for n, m in lora_modules(model) for part in ("lora_A", "lora_B")}
-    expected.update({f"{PEFT_PREFIX}{n}.lora_magnitude_vector": m.lora_magnitude_vector
-                     for n, m in lora_modules(model) if m.use_dora})
-    if set(expected) != set(sd):
-        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-        raise ValueError(f"{wpath}: adapter keys do not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    for k, p in expected.items():
-        if tuple(sd[k].shape) != tuple(p.shape):
-            raise ValueError(f"{wpath}: {k} has shape {tuple(sd[k].shape)} but the model needs {tuple(p.shape)}")
-        _local(p).copy_(_shard_of(sd[k].to(p.dtype), p).to(_local(p).device))
+    """Load a PEFT adapter into a sharded model that already has the same LoRA layers (each rank copies its shard);
+    reading and validation: `lora.adapter_tensors`."""
+    _, pairs = adapter_tensors(model, adapter_dir, inject=False)
+    with torch.no_grad():
+        for p, t in pairs:
+            _local(p).copy_(_shard_of(t.to(p.dtype), p).to(_local(p).device))
     return model
 
 

@@ -409,11 +409,14 @@ def canonical_adapter_key(k: str) -> str:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Load a PEFT-format LoRA adapter into `model` (injecting LoRA first if the model has none). Returns `model`.
+def adapter_tensors(model: nn.Module, adapter_dir: str | os.PathLike,
+                    inject: bool = True) -> tuple[LoRAConfig, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Read and validate a PEFT adapter against `model`: (its LoRAConfig, [(model parameter, file tensor)]).
 
-    Validates r, alpha, targets and every tensor's key and shape against the model and raises ValueError naming the
-    file and the mismatch (an adapter of another model or LoRA config never loads silently).
+    The one reader of adapter files (`load_adapter`, and `distributed.load_adapter_sharded`, which copies each rank's
+    shard). Injects LoRA first when the model has none and `inject`; validates r, alpha, targets, rsLoRA / DoRA and
+    every tensor's key, shape (the parameter's global shape, also for sharded DTensors) and dtype, raising ValueError
+    naming the file and the mismatch (an adapter of another model or LoRA config never loads silently).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -437,17 +440,32 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         if diffs:
             raise ValueError(f"{adapter_dir}: adapter LoRA config differs from the model's LoRA layers "
                              f"({'; '.join(diffs)})")
-    else:
+    elif inject:
         inject_lora(model, cfg)
+    else:
+        raise ValueError(f"{adapter_dir}: the model has no LoRA layers to load the adapter into; inject_lora first")
     expected = {}
     for name, m in lora_modules(model):
-        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (m.lora_A.weight, (m.r, m.in_features))
-        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.lora_B.weight, (m.out_features, m.r))
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
         if m.use_dora:
-            expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = (m.lora_magnitude_vector, (m.out_features,))
+            expected[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
     sd = {canonical_adapter_key(k): v for k, v in sd.items()}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    _check_adapter_keys(wpath, cfg, set(expected), set(sd))
+    pairs = []
+    for k, param in expected.items():
+        t = sd[k]
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"{wpath}: {k} has shape {tuple(t.shape)} but the model needs {tuple(param.shape)} "
+                             "(another model size or LoRA rank)")
+        if not t.is_floating_point():
+            raise ValueError(f"{wpath}: {k} has dtype {t.dtype}; expected a float tensor")
+        pairs.append((param, t))
+    return cfg, pairs
+
+
+def _check_adapter_keys(wpath: str, cfg: LoRAConfig, expected: set[str], found: set[str]) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
     mag = [k for k in missing + unexpected if k.endswith(".lora_magnitude_vector")]
     if mag and len(mag) == len(missing) + len(unexpected):
         raise ValueError(f"{wpath}: adapter_config.json says use_dora={cfg.use_dora} but the file "
@@ -457,14 +475,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{wpath}: adapter keys do not match the model (missing {len(missing)}: {missing[:3]}, "
                          f"unexpected {len(unexpected)}: {unexpected[:3]}); it was trained for another model or with "
                          "other target modules")
-    for k, (param, shape) in expected.items():
-        t = sd[k]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{wpath}: {k} has shape {tuple(t.shape)} but the model needs {shape} "
-                             "(another model size or LoRA rank)")
-        if not t.is_floating_point():
-            raise ValueError(f"{wpath}: {k} has dtype {t.dtype}; expected a float tensor")
-        param.copy_(t.to(param.dtype))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model` (injecting LoRA first if the model has none). Returns `model`.
+    Validation: `adapter_tensors`."""
+    cfg, pairs = adapter_tensors(model, adapter_dir)
+    with torch.no_grad():
+        for param, t in pairs:
+            param.copy_(t.to(param.dtype))
     model.lora_config = cfg
     return model
 
