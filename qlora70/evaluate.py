@@ -202,6 +202,9 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     if k_shot < 0:
         raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    if target_accuracy is not None and (mode == "generate" or not 0 < target_accuracy <= 1):
+        raise ValueError(f"target_accuracy={target_accuracy} (--target-accuracy) needs a value in (0, 1] and a "
+                         f"log-likelihood mode (letter, option, option_norm) for the confidences; got mode {mode!r}")
     if k_shot and (fewshot is None or not fewshot.items):
         raise ValueError(f"k_shot={k_shot} needs a few-shot pool: pass fewshot_data (a dev split of the same task)")
     fmt = get_format(prompt_format or DEFAULT_FORMAT.get(data.task, "lm-eval-mcq"))

@@ -277,6 +277,8 @@ def test_shot_seed_redraws_the_shots_not_the_items(tok, hf):
     assert [p["prompt"] for p in same.predictions] == [p["prompt"] for p in base.predictions]
     assert [p["prompt"] for p in other.predictions] != [p["prompt"] for p in base.predictions]
     assert base.shot_seed is None and other.shot_seed == 5 and other.to_dict()["shot_seed"] == 5
+    with pytest.raises(ValueError, match="needs a value in .0, 1. and a log-likelihood mode"):
+        E.evaluate_items(model_fn(hf), tok, td, limit=2, mode="generate", target_accuracy=0.8, progress=False)
 
 
 def test_limit_is_a_seeded_sample_not_the_first_n():
