@@ -8,7 +8,8 @@ For every task evaluated both before and after fine-tuning it writes, under --ou
 paired.md and paired.json (flip table, McNemar exact test, paired bootstrap 95% interval, verdict at 0.05;
 calibration: ECE with 15 equal-width bins, Brier, NLL; selective answering: AURC, accuracy at 50/80/100% coverage,
 and with --target-accuracy the held-out threshold), plus <task>_reliability_{before,after}.png and <task>_coverage.png.
-Until `qlora70.run` writes this section itself (see the integration notes), this script is how to get it.
+`qlora70.run` writes the same section into report.md / report.json of new runs; this script (like
+`qlora70 eval --compare RUN_DIR`) rebuilds it for a finished run from its per-item files alone.
 """
 from __future__ import annotations
 

@@ -83,11 +83,15 @@ def add_eval_parser(sub) -> None:
         qlora70 eval --model ./Llama-2-7b-hf --task medqa --data data/medqa/US_4options_test_200.jsonl --limit 100
         qlora70 eval --model m.gguf --adapter runs/x --task pubmedqa --data data/pubmedqa --out rep/
         qlora70 eval --model m.gguf --task pubmedqa --data data/pubmedqa --split all   # all 1,000 labelled, on purpose
-        qlora70 eval --model m.gguf --task usmle --data data/usmle""")
+        qlora70 eval --model m.gguf --task usmle --data data/usmle
+        qlora70 eval --compare runs/a/eval/medqa_after_predictions.jsonl runs/b/eval/medqa_after_predictions.jsonl
+        qlora70 eval --compare runs/demo          # one run directory: its before vs its after, every task
+        qlora70 eval --model m.gguf --task medqa --data test.jsonl --target-accuracy 0.8 --out rep/
+        qlora70 eval --model m.gguf --task medqa --data test.jsonl --k-shot 3 --fewshot-data dev.jsonl --shot-seeds 5""")
     add_model_args(p)
     p.add_argument("--adapter", help="PEFT adapter directory to apply")
-    p.add_argument("--task", required=True, choices=["medqa", "pubmedqa", "usmle", "mcq"])
-    p.add_argument("--data", required=True, help="the task's native file or directory")
+    p.add_argument("--task", choices=["medqa", "pubmedqa", "usmle", "mcq"], help="required unless --compare")
+    p.add_argument("--data", help="the task's native file or directory (required unless --compare)")
     p.add_argument("--split", help="PubMedQA: a split file whose PMIDs to score, or `all` to score every labelled "
                    "item of ori_pqal.json (training, dev and test mixed); default: the test split named by "
                    "test_ground_truth.json beside ori_pqal.json (required for a directory)")
@@ -101,10 +105,30 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--out", help="write eval_<task>.json/.md and per-item predictions here (a directory)")
     p.add_argument("--no-quantize", action="store_true", help="evaluate the full-precision weights")
+    p.add_argument("--compare", nargs="+", metavar="PATH",
+                   help="paired comparison, no model needed: two *_predictions.jsonl files (A = before, B = after), "
+                        "two run directories (A's after vs B's after, per task), or one run directory (its before "
+                        "vs its after): flip table, McNemar exact test, paired bootstrap 95%% interval, verdict")
+    p.add_argument("--intersect", action="store_true", help="with --compare: use only the ids both runs share")
+    p.add_argument("--target-accuracy", type=float, metavar="A",
+                   help="the confidence threshold reaching accuracy A, chosen on a seeded half of the items and "
+                        "reported on the other half")
+    p.add_argument("--shot-seeds", type=int, metavar="N",
+                   help="with --k-shot K: N independent draws of the K shots (seeds seed..seed+N-1; the --limit "
+                        "items stay the same); reports mean / std / min / max accuracy")
 
 
 def cmd_eval(a) -> int:
     check_out_dir(a.out)
+    if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
+        raise CLIError(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
+    if a.compare:
+        return _eval_compare(a)
+    if not a.task or not a.data:
+        raise CLIError("qlora70 eval needs --task and --data (or --compare A B to compare two predictions files)")
+    if a.shot_seeds is not None and (a.shot_seeds < 1 or not a.k_shot):
+        raise CLIError(f"--shot-seeds N needs N >= 1 and --k-shot K >= 1 with --fewshot-data (got --shot-seeds "
+                       f"{a.shot_seeds}, --k-shot {a.k_shot})")
     if a.split is not None and a.task != "pubmedqa":
         raise CLIError(f"--split applies to --task pubmedqa only (got --task {a.task})")
     _need_path(a.model, "--model")
@@ -118,10 +142,94 @@ def cmd_eval(a) -> int:
 
     model = _load(a, a.adapter, None if a.no_quantize else "nf4")
     tok = tokenizer_for(a.model, a.tokenizer)
-    rep = evaluate_task(model, tok, a.task, a.data, mode=a.mode, limit=a.limit, seed=a.seed, k_shot=a.k_shot,
-                        fewshot_data=a.fewshot_data, out_dir=a.out, batch_size=a.batch_size, max_length=a.max_length,
-                        prompt_format=a.prompt_format, **loader_kw)
+    kw = dict(mode=a.mode, limit=a.limit, seed=a.seed, k_shot=a.k_shot, fewshot_data=a.fewshot_data,
+              batch_size=a.batch_size, max_length=a.max_length, prompt_format=a.prompt_format,
+              target_accuracy=a.target_accuracy, **loader_kw)
+    if a.shot_seeds:
+        print(_eval_shot_seeds(a, model, tok, kw))
+        return 0
+    rep = evaluate_task(model, tok, a.task, a.data, out_dir=a.out, **kw)
     print(rep.to_markdown())
+    return 0
+
+
+def _eval_shot_seeds(a: argparse.Namespace, model, tok, kw: dict) -> str:
+    """`--k-shot K --shot-seeds N`: N shot draws over the same items (the model is loaded once)."""
+    from pathlib import Path
+
+    from .evaluate import evaluate_task
+    from .io import atomic_write_json, atomic_write_text
+    from .metrics_report import shot_robustness, shot_seeds
+
+    seeds = shot_seeds(a.seed, a.shot_seeds)
+    reps = [evaluate_task(model, tok, a.task, a.data, shot_seed=s, name=f"{a.task}_shots{s}", **kw) for s in seeds]
+    rob = shot_robustness([r.accuracy for r in reps], seeds, a.k_shot)
+    md = (f"### {a.task}: {a.k_shot}-shot accuracy over {len(seeds)} independent shot draws "
+          f"(same {reps[0].n_scored} items, item seed {a.seed})\n\n" + rob.to_markdown())
+    if a.out:
+        for r in reps:
+            r.save(a.out)
+        atomic_write_json(Path(a.out) / f"eval_{a.task}_shot_robustness.json", rob.to_dict())
+        atomic_write_text(Path(a.out) / f"eval_{a.task}_shot_robustness.md", md)
+    return md
+
+
+def _compare_inputs(paths: list[str]) -> tuple[dict, dict, tuple[str, str]]:
+    """({task: file} for A, {task: file} for B, names) from the --compare arguments."""
+    from pathlib import Path
+
+    def runs(d: Path, which: str) -> dict:
+        ev = d / "eval" if (d / "eval").is_dir() else d
+        return {p.name[: -len(f"_{which}_predictions.jsonl")]: p
+                for p in sorted(ev.glob(f"*_{which}_predictions.jsonl"))}
+
+    if len(paths) not in (1, 2):
+        raise CLIError(f"--compare takes two predictions files, two run directories or one run directory, got "
+                       f"{len(paths)} paths")
+    for p in paths:
+        _need_path(p, "--compare")
+    ps = [Path(p) for p in paths]
+    if len(ps) == 1:
+        if not ps[0].is_dir():
+            raise CLIError(f"--compare {paths[0]}: one argument must be a run directory (eval/<task>_before_ and "
+                           "_after_predictions.jsonl); give two predictions files to compare them")
+        a, b, names = runs(ps[0], "before"), runs(ps[0], "after"), ("before", "after")
+    elif all(p.is_dir() for p in ps):
+        a, b, names = runs(ps[0], "after"), runs(ps[1], "after"), (ps[0].name or "A", ps[1].name or "B")
+        names = names if names[0] != names[1] else ("A", "B")
+    elif any(p.is_dir() for p in ps):
+        raise CLIError(f"--compare {paths[0]} {paths[1]}: give two predictions files or two run directories")
+    else:
+        a, b = {"compare": ps[0]}, {"compare": ps[1]}
+        names = tuple(p.name.removesuffix("_predictions.jsonl") for p in ps)
+        names = names if names[0] != names[1] else ("A", "B")
+    if not set(a) & set(b):
+        raise CLIError(f"--compare {' '.join(paths)}: no task has predictions on both sides (found {sorted(a)} "
+                       f"and {sorted(b)}; run directories hold eval/<task>_<before|after>_predictions.jsonl)")
+    return a, b, names
+
+
+def _eval_compare(a: argparse.Namespace) -> int:
+    """`--compare`: the paired table per task (the same `before_after` section as the run report) + calibration."""
+    from pathlib import Path
+
+    from .io import atomic_write_json, atomic_write_text
+    from .metrics import read_predictions
+    from .metrics_report import before_after
+
+    runs_a, runs_b, names = _compare_inputs(a.compare)
+    if a.intersect:  # align the id sets before the section is built (it compares on identical ids)
+        from .metrics import align
+        for t in set(runs_a) & set(runs_b):
+            pa, pb = read_predictions(runs_a[t]), read_predictions(runs_b[t])
+            ia, ib = align(pa, pb, intersect=True)
+            runs_a[t], runs_b[t] = pa.subset(ia), pb.subset(ib)
+    sec = before_after(runs_a, runs_b, plots_dir=a.out, target=a.target_accuracy, seed=a.seed, names=names)
+    md = f"## Paired comparison: {names[0]} (A) vs {names[1]} (B)\n\n" + sec.to_markdown(link_dir=a.out)
+    if a.out:
+        atomic_write_json(Path(a.out) / "compare.json", sec.to_dict())
+        atomic_write_text(Path(a.out) / "compare.md", md)
+    print(md)
     return 0
 
 

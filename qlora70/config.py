@@ -329,8 +329,11 @@ class EvalConfig:
     tasks: tuple[str, ...] | None = None
     limit: int | None = None
     each_epoch: bool = False
+    target_accuracy: float | None = None  # run report: held-out confidence threshold reaching this accuracy
 
     def __post_init__(self) -> None:
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"EvalConfig.target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
             bad = [t for t in self.tasks if t not in EVAL_TASKS]

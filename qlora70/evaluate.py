@@ -36,6 +36,9 @@ import torch
 from .config import IGNORE_INDEX, pad_or_eos
 from .data import collate, resolve_add_bos
 from .io import atomic_write_json, atomic_write_text
+from .metrics import predictions_from_records
+from .metrics_lmeval import write_lm_eval
+from .metrics_report import ItemMetrics, item_metrics
 from .prompts import (DEFAULT_FORMAT, FORMATS, PromptFormat, _assemble, _Prompt, _sample_shots,  # noqa: F401
                       build_prompt, get_format, sample_items, split_continuation, split_continuations)
 from .scoring import (Z95, _device_of, _logits_at, extract_answer, greedy_generate,  # noqa: F401
@@ -85,12 +88,17 @@ class EvalReport:
     elapsed_s: float = 0.0
     questions_per_s: float = 0.0
     name: str = ""
+    shot_seed: int | None = None  # seed of the k-shot draws when it differs from `seed` (--shot-seeds)
     predictions: list[dict] = field(default_factory=list, repr=False)
+    # calibration + selective answering from the per-item choice probabilities (log-likelihood modes; qlora70.metrics)
+    metrics: ItemMetrics | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("predictions")
+        d.pop("metrics")
         d["ci95"] = list(self.ci95)
+        d["calibration_selective"] = self.metrics.to_dict() if self.metrics is not None else None
         return d
 
     def to_markdown(self) -> str:
@@ -123,14 +131,21 @@ class EvalReport:
         if notes:
             lines += ["", "Notes: " + "; ".join(notes) + "."]
         lines += ["", f"Prompt template: `{self.prompt_template}`"]
+        if self.metrics is not None:
+            lines += ["", self.metrics.to_markdown().rstrip()]
+            lines += [f"![{k}]({os.path.basename(v)})" for k, v in self.metrics.plots.items()]
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, str]:
-        """Write `<stem>.json`, `<stem>.md` and `<stem>_predictions.jsonl` atomically; returns their paths."""
+        """Write `<stem>.json`, `<stem>.md` and `<stem>_predictions.jsonl` atomically (log-likelihood modes also
+        `<stem>_reliability.png`, `<stem>_coverage.png` and lm-eval's layout under `lm_eval/`); returns their paths."""
         out = Path(out_dir)
         stem = stem or f"eval_{self.name or self.task}"
         paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md",
                  "predictions": out / f"{stem}_predictions.jsonl"}
+        if self.metrics is not None and self.n_scored:
+            paths.update(self.metrics.save_plots(out, stem))
+            paths.update({f"lm_eval_{k}": v for k, v in self._write_lm_eval(out / "lm_eval", stem).items()})
         d = self.to_dict()
         d["predictions_file"] = paths["predictions"].name
         atomic_write_json(paths["json"], d, default=_json_default)
@@ -138,6 +153,16 @@ class EvalReport:
         atomic_write_text(paths["predictions"], "".join(json.dumps(p, default=_json_default) + "\n"
                                                         for p in self.predictions))
         return {k: str(v) for k, v in paths.items()}
+
+    def _write_lm_eval(self, out: Path, stem: str) -> dict[str, str]:
+        """lm-evaluation-harness's results JSON + samples JSONL (acc_norm too in option modes)."""
+        pred = predictions_from_records(self.predictions, stem)
+        norm = (predictions_from_records(self.predictions, stem, score_key="scores_norm")
+                if self.mode in ("option", "option_norm") else None)
+        return write_lm_eval(out, self.task, pred, pred_norm=norm, date_id=stem, n_original=self.n_available,
+                             k_shot=self.k_shot, limit=self.limit, seed=self.seed, fewshot_seed=self.shot_seed,
+                             extra={"mode": self.mode, "prompt_format": self.prompt_format,
+                                    "data_files": self.data_files})
 
 
 def _json_default(o: Any) -> Any:
@@ -170,12 +195,16 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
                    k_shot: int = 0, fewshot: TaskData | None = None, batch_size: int = 8, max_length: int = 2048,
                    add_bos: bool | None = None, generate_fn: Callable[[str], str] | None = None,
                    max_new_tokens: int = 16, device: torch.device | str | None = None, progress: bool = True,
-                   save_text: bool = False, name: str = "") -> EvalReport:
+                   save_text: bool = False, name: str = "", shot_seed: int | None = None,
+                   target_accuracy: float | None = None) -> EvalReport:
     """Score the items of an already loaded task; see `evaluate_task` for the arguments."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     if k_shot < 0:
         raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    if target_accuracy is not None and (mode == "generate" or not 0 < target_accuracy <= 1):
+        raise ValueError(f"target_accuracy={target_accuracy} (--target-accuracy) needs a value in (0, 1] and a "
+                         f"log-likelihood mode (letter, option, option_norm) for the confidences; got mode {mode!r}")
     if k_shot and (fewshot is None or not fewshot.items):
         raise ValueError(f"k_shot={k_shot} needs a few-shot pool: pass fewshot_data (a dev split of the same task)")
     fmt = get_format(prompt_format or DEFAULT_FORMAT.get(data.task, "lm-eval-mcq"))
@@ -184,7 +213,8 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
     items = sample_items(data.items, limit, seed)
     t0 = time.perf_counter()
     prompts, requests, req_of = _build_requests(items, data.task, fmt, tokenizer, bos, mode, k_shot,
-                                                fewshot.items if k_shot else [], seed, max_length, max_new_tokens,
+                                                fewshot.items if k_shot else [],
+                                                seed if shot_seed is None else shot_seed, max_length, max_new_tokens,
                                                 progress)
     if mode == "generate":
         gen = generate_fn or (lambda p: greedy_generate(model, tokenizer, p, max_new_tokens=max_new_tokens,
@@ -214,8 +244,13 @@ def evaluate_items(model: Callable, tokenizer: Any, data: TaskData, *, mode: str
         n_hard_truncated=sum(p.hard_truncated for p in prompts),
         n_fewer_shots=sum(p.n_shots < k_shot for p in prompts),
         n_unparsed=sum(not p.get("parsed", True) for p in preds), elapsed_s=round(elapsed, 3),
-        questions_per_s=round(n / elapsed, 3) if elapsed > 0 else 0.0, name=name, predictions=preds)
+        questions_per_s=round(n / elapsed, 3) if elapsed > 0 else 0.0, name=name, shot_seed=shot_seed,
+        predictions=preds)
     _summarize(report, preds, items, mode, data.label_words)
+    if mode != "generate" and n:
+        key = "scores_norm" if mode == "option_norm" else "scores"  # the scores the headline prediction used
+        report.metrics = item_metrics(predictions_from_records(preds, name or data.task, score_key=key),
+                                      name=name or data.task, target=target_accuracy, seed=seed)
     return report
 
 
@@ -278,6 +313,10 @@ def _predict_generate(items: list[EvalItem], prompts: list[_Prompt], gen: Callab
 def _predict_scores(item: EvalItem, scores: list[float], mode: str, fmt: PromptFormat) -> dict:
     """One record from the log-likelihood of each label (letter) or option (raw and length-normalized)."""
     rec = {"id": item.id, "group": item.group, "gold": item.answer}
+    top = max(scores)  # explicit choice fields for qlora70.metrics (calibration, selective answering, lm-eval)
+    z = sum(math.exp(s - top) for s in scores)
+    rec.update(labels=list(item.labels), gold_index=item.gold, logliks=list(scores),
+               probs=[math.exp(s - top) / z for s in scores])
     if mode == "letter":
         pred = item.labels[max(range(len(scores)), key=scores.__getitem__)]
         rec.update(pred=pred, correct=pred == item.answer, scores=dict(zip(item.labels, scores)))
@@ -321,7 +360,8 @@ def evaluate_task(model: Callable, tokenizer: Any, task: str, data: str | os.Pat
                   batch_size: int = 8, max_length: int = 2048, prompt_format: str | None = None,
                   add_bos: bool | None = None, generate_fn: Callable[[str], str] | None = None,
                   max_new_tokens: int = 16, device: torch.device | str | None = None, progress: bool = True,
-                  save_text: bool = False, name: str = "", **loader_kwargs: Any) -> EvalReport:
+                  save_text: bool = False, name: str = "", shot_seed: int | None = None,
+                  target_accuracy: float | None = None, **loader_kwargs: Any) -> EvalReport:
     """Load `task` ("medqa" | "pubmedqa" | "usmle" | "mcq") from `data`, score it, and (with `out_dir`) save the report.
 
     model: `model(input_ids (B, T) long) -> logits (B, T, V)`; tokenizer: qlora70 `Tokenizer` interface.
@@ -333,6 +373,11 @@ def evaluate_task(model: Callable, tokenizer: Any, task: str, data: str | os.Pat
     add_bos: prepend BOS (None: the tokenizer's preference, else True when it has a BOS id).
     generate_fn: `prompt -> reply` for mode "generate" (default: cache-free greedy over `model`).
     save_text: also write prompts / replies into the predictions JSONL (off by default: medical text stays out).
+    shot_seed: seed of the k-shot draws (default `seed`); the scored items stay those of `seed` (`--shot-seeds`).
+    target_accuracy: also choose the confidence threshold reaching this accuracy on a seeded half of the items and
+        report it on the other half (`qlora70.metrics.target_accuracy`).
+    Log-likelihood modes add calibration (ECE, 15 equal-width bins; Brier; NLL) and selective answering (AURC,
+    accuracy at 50/80/100% coverage) to the report, and `save` writes their PNGs and lm-eval's files beside it.
     loader_kwargs: pubmedqa `ground_truth=`, `split=`; usmle `steps=`, `images=`, `exclude_images=`.
     Writes `eval_<name or task>.json`, `.md` and `_predictions.jsonl` under `out_dir`.
     """
@@ -346,7 +391,7 @@ def evaluate_task(model: Callable, tokenizer: Any, task: str, data: str | os.Pat
     report = evaluate_items(model, tokenizer, td, mode=mode, prompt_format=prompt_format, limit=limit, seed=seed,
                             k_shot=k_shot, fewshot=fs, batch_size=batch_size, max_length=max_length, add_bos=add_bos,
                             generate_fn=generate_fn, max_new_tokens=max_new_tokens, device=device, progress=progress,
-                            save_text=save_text, name=name)
+                            save_text=save_text, name=name, shot_seed=shot_seed, target_accuracy=target_accuracy)
     if out_dir is not None:
         report.save(out_dir)
     return report

@@ -32,7 +32,7 @@ PRESETS: dict[str, RunConfig] = {
     "sm70": RunConfig(preset="sm70", template="sm70", val_size=0.01, lora=LoRAConfig(r=64, alpha=16.0, dropout=0.1),
                       train=_SM70_TRAIN, eval=EvalConfig(limit=None, each_epoch=True)),
     "demo": RunConfig(preset="demo", template="sm70", val_size=48, lora=LoRAConfig(r=64, alpha=16.0, dropout=0.1),
-                      train=_DEMO_TRAIN, eval=EvalConfig(limit=100, each_epoch=False)),
+                      train=_DEMO_TRAIN, eval=EvalConfig(limit=100, each_epoch=False, target_accuracy=0.8)),
 }
 
 
@@ -128,7 +128,7 @@ def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool 
                       init_lora_weights=given("lora_init", lo.init_lora_weights),
                       loftq_iters=int(given("loftq_iters", lo.loftq_iters)))
     ev = EvalConfig(tasks=parse_eval_tasks(getattr(a, "eval", None)), limit=given("eval_limit", base.eval.limit),
-                    each_epoch=base.eval.each_epoch)
+                    each_epoch=base.eval.each_epoch, target_accuracy=base.eval.target_accuracy)
     val = given("val_size", base.val_size)
     return RunConfig(preset=a.preset or "sm70", model=a.model or base.model, tokenizer=a.tokenizer,
                      device=a.device, template=given("template", base.template),

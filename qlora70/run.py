@@ -26,6 +26,7 @@ from .data import TokenizedData, build_dataset, contamination_check_paths
 from .distributed import DistributedTrainer, init_distributed
 from .evaluate import evaluate_task
 from .io import atomic_write_json, atomic_write_text
+from .metrics_report import BeforeAfter, before_after
 from .recipe import DATA_DIR
 from .train_state import latest_checkpoint
 from .trainer import Trainer
@@ -105,9 +106,13 @@ def before_after_table(before: dict, after: dict, val_before: float | None, val_
     return "\n".join(rows)
 
 
-def honest_reading(before: dict, after: dict, chance: dict[str, float]) -> list[str]:
-    """Plain-language notes: overlapping confidence intervals and near-chance accuracy are said out loud."""
+def honest_reading(before: dict, after: dict, chance: dict[str, float],
+                   paired: BeforeAfter | None = None) -> list[str]:
+    """Plain-language notes: whether each change is significant at 0.05 by the paired test (McNemar exact on the
+    same items, `paired`: a `qlora70.metrics_report.BeforeAfter`), and near-chance accuracy, said out loud. Without
+    `paired`, overlapping Wilson intervals are reported (a weaker, unpaired reading)."""
     notes = []
+    verdicts = {t.task: t.paired.verdict for t in paired.tasks} if paired is not None else {}
     for name, b in before.items():
         a = after.get(name)
         if a is None:
@@ -115,12 +120,21 @@ def honest_reading(before: dict, after: dict, chance: dict[str, float]) -> list[
         overlap = not (a.ci95[0] > b.ci95[1] or b.ci95[0] > a.ci95[1])
         c = chance.get(name)
         msg = f"{name}: {b.accuracy:.1%} -> {a.accuracy:.1%} on {a.n_scored} items"
-        if overlap:
+        if name in verdicts:
+            msg += f"; paired test: {verdicts[name]}"
+        elif overlap:
             msg += "; the 95% intervals overlap, so this run shows no significant change"
         if c is not None and a.ci95[0] <= c <= a.ci95[1]:
             msg += f"; chance level ({c:.0%}) lies inside the interval: the model is not better than guessing"
         notes.append(msg + ".")
     return notes
+
+
+def paired_section(before: dict, after: dict, out: Path, target: float | None, seed: int) -> BeforeAfter:
+    """The run report's paired before/after section (`qlora70.metrics_report.BeforeAfter`): McNemar exact, paired
+    bootstrap, flip table, calibration and selective answering per task, with the PNGs written into `out`. The same
+    object feeds report.json, report.md and the PNGs."""
+    return before_after(before, after, plots_dir=out, target=target, seed=seed)
 
 
 def run_dir_in_use(out_dir: str | os.PathLike) -> bool:
@@ -279,6 +293,7 @@ def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval
     after = evaluate_all(model, tok, eval_specs, cfg.train.seed, out, "after") if eval_specs else {}
     if info.rank != 0:  # rank 0 writes the report
         return {"summary": summary, "val_loss_after": val_after}
+    paired = paired_section(before, after, out, cfg.eval.target_accuracy, cfg.train.seed) if before and after else None
     merged_path = None
     if save_merged:
         merged_path = save_merged_checkpoint(model, out)
@@ -292,12 +307,13 @@ def run_experiment(cfg: RunConfig, train_paths: list[str], out_dir: str, *, eval
               "contamination": contam, "val_loss_before": val_before, "val_loss_after": val_after,
               "before": {k: v.to_dict() for k, v in before.items()},
               "after": {k: v.to_dict() for k, v in after.items()}, "epoch_evals": epoch_evals,
-              "notes": honest_reading(before, after, CHANCE) if before else [],
+              "notes": honest_reading(before, after, CHANCE, paired) if before else [],
               "adapter": str(out / "adapter_model.safetensors"), "merged": merged_path,
-              "metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss_curve.png")}
+              "metrics": str(out / "metrics.jsonl"), "loss_curve": str(out / "loss_curve.png"),
+              "paired": paired.to_dict() if paired is not None else None}
     if split_note:
         report["data"]["split_note"] = split_note
-    write_report(report, cfg, before, after, out, t_start)
+    write_report(report, cfg, before, after, out, t_start, paired)
     return report
 
 
@@ -336,8 +352,10 @@ def save_merged_checkpoint(model: Any, out: Path) -> str:
     return path
 
 
-def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: Path, t_start: float) -> None:
-    """report.json, report.md, and the before/after table on stdout."""
+def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: Path, t_start: float,
+                 paired: BeforeAfter | None = None) -> None:
+    """report.json, report.md (with the paired section when before and after were both evaluated), and the
+    before/after table on stdout."""
     atomic_write_json(out / "report.json", report, default=str)
     table = before_after_table(before, after, report["val_loss_before"], report["val_loss_after"]) if before else ""
     summary, lora, d = report["summary"], cfg.lora, report["data"]
@@ -350,6 +368,8 @@ def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: P
     md.append("")
     if table:
         md += ["## Before / after", "", table, ""]
+    if paired is not None and paired.tasks:
+        md += ["## Paired before / after (the same items scored twice)", "", paired.to_markdown(link_dir=out), ""]
     if report["notes"]:
         md += ["## Reading it honestly", ""] + [f"- {n}" for n in report["notes"]] + [""]
     if report["contamination"]:
@@ -363,6 +383,8 @@ def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: P
         print("\n" + table + "\n")
         for n in report["notes"]:
             print("  - " + n)
+    if paired is not None and paired.tasks:
+        print("\nPaired before / after (the same items scored twice):\n\n" + paired.to_markdown(link_dir=out))
     say(f"report -> {out / 'report.md'} (total {time.perf_counter() - t_start:.0f}s)")
 
 

@@ -239,3 +239,127 @@ def test_bad_hyperparameter_fails_before_anything_heavy_loads():
     rc, torch_loaded, _ = r.stdout.split()
     assert rc == "1" and torch_loaded == "False", r.stdout + r.stderr
     assert "TrainConfig.lr must be > 0, got -1.0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- issue 15: paired comparison, selective answering, shot robustness, the run report's paired section ------------
+MEDQA_DEV = REPO / "data" / "medqa" / "US_4options_dev_300.jsonl"
+
+
+def test_eval_compare_and_target_accuracy(tiny_model, tmp_path, capsys):
+    from qlora70.metrics import compare_files, read_predictions, target_accuracy
+    from qlora70.metrics_report import item_metrics
+    common = ["eval", "--model", str(tiny_model), "--task", "medqa", "--data", str(MEDQA), "--limit", "12",
+              "--device", "cpu", "--seed", "3"]
+    qa, fp = tmp_path / "nf4", tmp_path / "fp32"
+    assert main(common + ["--out", str(qa), "--target-accuracy", "0.5"]) == 0
+    assert main(common + ["--out", str(fp), "--no-quantize"]) == 0
+    capsys.readouterr()
+    # --target-accuracy: chosen on one seeded half, reported on the other; the JSON holds exactly metrics.*'s figures
+    rep = json.loads((qa / "eval_medqa.json").read_text())
+    pred = read_predictions(qa / "eval_medqa_predictions.jsonl")
+    conf, hit = pred.probs().max(axis=1), pred.probs().argmax(axis=1) == pred.gold
+    want = target_accuracy(conf, hit, 0.5, seed=3).to_dict()
+    got = rep["calibration_selective"]["target_accuracy"]
+    assert got == pytest.approx(want, nan_ok=True) and got["n_select"] + got["n_report"] == 12
+    assert rep["calibration_selective"]["calibration"] == item_metrics(pred).calibration.to_dict()  # one source
+    for f in ("eval_medqa_reliability.png", "eval_medqa_coverage.png"):
+        assert (qa / f).read_bytes()[:4] == b"\x89PNG"
+    lm = json.loads((qa / "lm_eval" / "results_eval_medqa.json").read_text())
+    assert lm["results"]["medqa_4options"]["acc,none"] == pytest.approx(rep["accuracy"])
+    # --compare A B: the paired table printed and saved, the numbers those of metrics.compare_files
+    a, b = qa / "eval_medqa_predictions.jsonl", fp / "eval_medqa_predictions.jsonl"
+    out = tmp_path / "cmp"
+    assert main(["eval", "--compare", str(a), str(b), "--out", str(out), "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    res = compare_files(a, b, seed=3)  # both files are eval_medqa_predictions.jsonl: named A and B
+    saved = json.loads((out / "compare.json").read_text())["tasks"]["compare"]
+    assert saved["paired"]["p_value"] == pytest.approx(res.p_value) and saved["paired"]["ci95"] == pytest.approx(
+        list(res.ci95))
+    assert saved["paired"]["right_to_wrong"] == res.right_to_wrong and saved["paired"]["n_resamples"] == 10_000
+    assert (res.name_a, res.name_b) == ("A", "B") and "McNemar exact p" in printed and res.verdict in printed
+    assert f"{res.p_value:.3g}" in printed and (out / "compare_coverage.png").is_file()
+    # different item sets: a one-line error naming the counts, unless --intersect
+    small = tmp_path / "small"
+    assert main(common[:7] + ["--limit", "5", "--device", "cpu", "--seed", "3", "--out", str(small)]) == 0
+    capsys.readouterr()
+    c = small / "eval_medqa_predictions.jsonl"
+    assert main(["eval", "--compare", str(a), str(c)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--intersect" in err and "different items" in err
+    shared = set(read_predictions(a).ids) & set(read_predictions(c).ids)
+    assert len(shared) == 5  # the seeded 5-item sample lies inside the 12-item one
+    assert main(["eval", "--compare", str(a), str(c), "--intersect"]) == 0
+    assert "| compare | 5 |" in capsys.readouterr().out
+
+
+def test_eval_shot_seeds_keep_the_items(tiny_model, tmp_path, capsys):
+    out = tmp_path / "shots"
+    assert main(["eval", "--model", str(tiny_model), "--task", "medqa", "--data", str(MEDQA), "--limit", "4",
+                 "--k-shot", "1", "--fewshot-data", str(MEDQA_DEV), "--shot-seeds", "3", "--out", str(out),
+                 "--max-length", "512", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    rob = json.loads((out / "eval_medqa_shot_robustness.json").read_text())
+    assert rob["seeds"] == [0, 1, 2] and rob["k_shot"] == 1
+    accs, ids = [], []
+    for s in rob["seeds"]:
+        rep = json.loads((out / f"eval_medqa_shots{s}.json").read_text())
+        assert rep["shot_seed"] == s and rep["seed"] == 0 and rep["k_shot"] == 1
+        accs.append(rep["accuracy"])
+        ids.append([json.loads(x)["id"] for x in (out / f"eval_medqa_shots{s}_predictions.jsonl").read_text().splitlines()])
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 4  # the shots move, the --limit sample does not
+    assert rob["accuracies"] == accs and rob["mean"] == pytest.approx(sum(accs) / 3)
+    assert rob["min"] == min(accs) and rob["max"] == max(accs)
+    assert rob["std"] == pytest.approx(float(torch.tensor(accs, dtype=torch.float64).std()))  # sample std (ddof=1)
+    assert "| 1 | 0, 1, 2 |" in printed
+    assert main(["eval", "--model", str(tiny_model), "--task", "medqa", "--data", str(MEDQA), "--shot-seeds",
+                 "2"]) == 1
+    assert "--shot-seeds N needs N >= 1 and --k-shot K" in capsys.readouterr().err
+
+
+def test_run_report_paired_section_equals_the_per_item_files(tiny_model, tmp_path):
+    """report.json's paired section is metrics.* on the per-item files; report.md shows the same figures."""
+    from qlora70.cli import build_parser
+    from qlora70.metrics import calibration, compare, read_predictions
+    from qlora70.recipe import run_config_from_args
+    from qlora70.run import EvalSpec, run_experiment
+    run = tmp_path / "run"
+    a = build_parser().parse_args(["train", "--model", str(tiny_model), "--data", str(MEADOW), "--out", str(run),
+                                   "--preset", "demo", "--max-steps", "2", "--seq-len", "64", "--batch-size", "2",
+                                   "--micro-batch-size", "2", "--val-size", "0", "--save-every", "0", "--lr", "3e-3",
+                                   "--device", "cpu"])
+    cfg = run_config_from_args(a, str(run), progress=False)
+    assert cfg.eval.target_accuracy == 0.8  # the demo preset turns the held-out threshold on
+    rep = run_experiment(cfg, [str(MEADOW)], str(run), eval_specs=[EvalSpec("medqa", "medqa", str(MEDQA), 10)],
+                         save_merged=False, progress=False, contamination=False)
+    saved = json.loads((run / "report.json").read_text())
+    md = (run / "report.md").read_text()
+    sec = saved["paired"]["tasks"]["medqa"]
+    assert rep["paired"] == saved["paired"]
+    pb = read_predictions(run / "eval" / "medqa_before_predictions.jsonl")
+    pa = read_predictions(run / "eval" / "medqa_after_predictions.jsonl")
+    want = compare(pb, pa, seed=cfg.train.seed)
+    got = sec["paired"]
+    assert (got["n"], got["right_to_wrong"], got["wrong_to_right"]) == (10, want.right_to_wrong, want.wrong_to_right)
+    assert got["p_value"] == pytest.approx(want.p_value) and got["ci95"] == pytest.approx(list(want.ci95))
+    assert got["accuracy_a"] == pytest.approx(saved["before"]["medqa"]["accuracy"])
+    assert got["accuracy_b"] == pytest.approx(saved["after"]["medqa"]["accuracy"])
+    for run_name, p in (("before", pb), ("after", pa)):
+        cal = calibration(p.log_probs(), p.gold)
+        assert sec[run_name]["calibration"]["ece"] == pytest.approx(cal.ece)
+        assert sec[run_name]["calibration"]["n_bins"] == 15
+        # report.md shows report.json's numbers
+        c, s = sec[run_name]["calibration"], sec[run_name]["selective"]
+        assert f"| medqa | {run_name} | {c['ece']:.4f} | {c['brier']:.4f} | {c['nll']:.4f} | {s['aurc']:.4f} |" in md
+        assert sec[run_name]["target_accuracy"]["target"] == 0.8
+    assert "## Paired before / after" in md and f"{got['p_value']:.3g} |" in md
+    assert f"[{got['ci95'][0]:+.3f}, {got['ci95'][1]:+.3f}]" in md and got["verdict"] in md
+    sig = "yes" if got["p_value"] < 0.05 else "no"
+    assert f"| {sig} |" in md and got["verdict"].startswith("significant" if sig == "yes" else "not significant")
+    assert any(got["verdict"] in n for n in saved["notes"])  # the paired verdict replaces "the intervals overlap"
+    assert not any("intervals overlap" in n for n in saved["notes"])
+    for f in ("medqa_reliability_before.png", "medqa_reliability_after.png", "medqa_coverage.png"):
+        assert (run / f).read_bytes()[:4] == b"\x89PNG" and f"]({f})" in md
+    # `qlora70 eval --compare RUN_DIR`: the same paired figures from the run's per-item files alone
+    cmp = tmp_path / "cmp"
+    assert main(["eval", "--compare", str(run), "--out", str(cmp), "--seed", str(cfg.train.seed)]) == 0
+    assert json.loads((cmp / "compare.json").read_text())["tasks"]["medqa"]["paired"] == got

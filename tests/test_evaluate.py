@@ -174,9 +174,13 @@ def test_evaluate_scores_match_reference_and_argmax(tok, hf):
     assert lo <= rep.accuracy <= hi
 
 
-def test_option_mode_raw_and_normalized(tok, hf):
+def test_option_mode_raw_and_normalized(tok, hf, tmp_path):
     td = load_medqa(MEDQA_TEST)
     rep = E.evaluate_items(model_fn(hf), tok, td, mode="option_norm", limit=4, seed=2, progress=False)
+    rep.save(tmp_path, stem="opt")  # lm-eval's acc is the raw argmax, acc_norm the per-character one
+    lm = json.loads((tmp_path / "lm_eval" / "results_opt.json").read_text())["results"]["medqa_4options"]
+    assert lm["acc,none"] == pytest.approx(rep.accuracy_raw) and lm["acc_norm,none"] == pytest.approx(rep.accuracy_norm)
+    assert rep.metrics.calibration.accuracy == pytest.approx(rep.accuracy)  # option_norm: probabilities of scores_norm
     it = {i.id: i for i in td.items}[rep.predictions[0]["id"]]
     prompt = E.FORMATS["lm-eval-mcq"].render(it)
     for lab, text in it.options.items():
@@ -261,6 +265,22 @@ def test_k_shot_prompts(tok, hf):
         E.evaluate_items(model_fn(hf), tok, td, k_shot=1, progress=False)
 
 
+def test_shot_seed_redraws_the_shots_not_the_items(tok, hf):
+    """--shot-seeds: another shot_seed changes the shots, never the --limit sample; shot_seed == seed is the default."""
+    td, dev = load_medqa(MEDQA_TEST), load_medqa(MEDQA_DEV)
+    kw = dict(limit=3, seed=4, k_shot=2, fewshot=dev, max_length=4096, save_text=True, progress=False)
+    base = E.evaluate_items(model_fn(hf), tok, td, **kw)
+    same = E.evaluate_items(model_fn(hf), tok, td, shot_seed=4, **kw)
+    other = E.evaluate_items(model_fn(hf), tok, td, shot_seed=5, **kw)
+    ids = [p["id"] for p in base.predictions]
+    assert [p["id"] for p in other.predictions] == ids and [p["id"] for p in same.predictions] == ids
+    assert [p["prompt"] for p in same.predictions] == [p["prompt"] for p in base.predictions]
+    assert [p["prompt"] for p in other.predictions] != [p["prompt"] for p in base.predictions]
+    assert base.shot_seed is None and other.shot_seed == 5 and other.to_dict()["shot_seed"] == 5
+    with pytest.raises(ValueError, match="needs a value in .0, 1. and a log-likelihood mode"):
+        E.evaluate_items(model_fn(hf), tok, td, limit=2, mode="generate", target_accuracy=0.8, progress=False)
+
+
 def test_limit_is_a_seeded_sample_not_the_first_n():
     items = load_pubmedqa(DATA / "pubmedqa").items
     a = E.sample_items(items, 20, seed=0)
@@ -289,9 +309,19 @@ def test_pubmedqa_report_has_macro_f1_and_confusion(tok, hf, tmp_path):
     questions = {it.id: it for it in load_pubmedqa(DATA / "pubmedqa").items}
     for line in lines:  # ids and scores, never the question or abstract text
         rec = json.loads(line)
-        assert set(rec) == {"id", "group", "gold", "pred", "correct", "scores", "truncated"}
+        assert set(rec) == {"id", "group", "gold", "pred", "correct", "scores", "truncated", "labels", "gold_index",
+                            "logliks", "probs"}
+        assert rec["labels"] == list(rec["scores"]) and rec["logliks"] == list(rec["scores"].values())
+        assert rec["labels"][rec["gold_index"]] == rec["gold"] and abs(sum(rec["probs"]) - 1) < 1e-9
         assert questions[rec["id"]].question not in line
-    assert "| n scored |" in (tmp_path / "eval_pubmedqa.md").read_text()
+    md = (tmp_path / "eval_pubmedqa.md").read_text()
+    assert "| n scored |" in md and "ECE (15 equal-width bins)" in md and "](eval_pubmedqa_reliability.png)" in md
+    assert saved["calibration_selective"]["calibration"]["ece"] == pytest.approx(rep.metrics.calibration.ece)
+    for png in ("eval_pubmedqa_reliability.png", "eval_pubmedqa_coverage.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    lm = json.loads((tmp_path / "lm_eval" / "results_eval_pubmedqa.json").read_text())
+    assert lm["results"]["pubmedqa"]["acc,none"] == pytest.approx(rep.accuracy)
+    assert len((tmp_path / "lm_eval" / "samples_pubmedqa_eval_pubmedqa.jsonl").read_text().splitlines()) == 10
 
 
 def test_usmle_per_step_and_exclusions(tok, hf):
