@@ -131,6 +131,7 @@ def apply_loftq(model: nn.Module, get_weight: Callable[[str], torch.Tensor], ite
         if progress:
             print(f"loftq {i + 1}/{len(mods)} {name}: rel. error {report[-1]['nf4_error']:.4f} -> "
                   f"{report[-1]['loftq_error']:.4f}", flush=True)
+    model.loftq_applied = True  # the Trainer refuses a LoftQ config whose start was never computed
     return report
 
 

@@ -163,6 +163,11 @@ class Trainer:
         elif lora_config is not None and lora_config != get_lora_config(model):
             raise ValueError(f"{name}: lora_config {lora_config} differs from the model's LoRA layers "
                              f"{get_lora_config(model)}")
+        if get_lora_config(model).init_lora_weights == "loftq" and not getattr(model, "loftq_applied", False):
+            raise ValueError(f"{name}: the LoRA config asks for a LoftQ start (init_lora_weights='loftq') but "
+                             "apply_loftq was never run on this model, so training would silently start from the "
+                             "default init; call qlora70.loftq.apply_loftq(model, qlora70.checkpoint.weight_reader("
+                             "PATH)) after inject_lora (`qlora70 train --lora-init loftq` does)")
 
     def _prepare_model(self, model: nn.Module) -> None:
         """After LoRA injection, before the trainable parameters are collected (the distributed trainer shards)."""

@@ -190,3 +190,18 @@ def test_streamed_from_hf_checkpoint_and_base_saved(tmp_path):
     assert torch.equal(back.model.layers[0].self_attn.k_proj.weight, model.model.layers[0].self_attn.k_proj.weight)
     with pytest.raises(ValueError, match="no full-precision weights"):
         weight_reader(tmp_path / "base_loftq")
+
+
+def test_trainer_refuses_a_loftq_config_without_apply_loftq(tmp_path):
+    """A LoftQ config whose start was never computed must not train silently from the default init."""
+    from conftest import tiny_llama
+
+    from qlora70.config import LoRAConfig, TrainConfig
+    from qlora70.lora import inject_lora
+    from qlora70.trainer import Trainer
+
+    model = tiny_llama(0, quantize=True, eval=False)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, init_lora_weights="loftq"))
+    data = [[1, 2, 3, 4, 5, 6]] * 4
+    with pytest.raises(ValueError, match="apply_loftq was never run"):
+        Trainer(model, TrainConfig(out_dir=str(tmp_path), max_steps=1, batch_size=2, micro_batch_size=2), data)
