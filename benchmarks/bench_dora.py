@@ -136,13 +136,7 @@ def worker(args) -> dict:
 
 
 def run_worker(framework: str, args, ckpt: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--ckpt", ckpt, "--mode", args.mode,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--threads", str(args.threads or 0)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"framework": framework, "error": (p.stderr or p.stdout)[-3000:]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return bts.run_worker(framework, args, ckpt, script=__file__)
 
 
 def train_table(rows: list[dict]) -> str:

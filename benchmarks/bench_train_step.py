@@ -347,8 +347,9 @@ def machine() -> dict:
     return info
 
 
-def run_worker(framework: str, args, ckpt: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--ckpt", ckpt, "--mode", args.mode,
+def run_worker(framework: str, args, ckpt: str, script: str | None = None) -> dict:
+    """One framework's run in a fresh process of `script` (default: this file), so peak memory is its own."""
+    cmd = [sys.executable, os.path.abspath(script or __file__), "--worker", framework, "--ckpt", ckpt, "--mode", args.mode,
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
            "--threads", str(args.threads or 0)]
     p = subprocess.run(cmd, capture_output=True, text=True)
