@@ -32,7 +32,8 @@
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
-PY="${PYTHON:-python3}"
+# $PYTHON, else the project's .venv (where `make venv` put torch), else python3 (the GPU machine's own)
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
 OUT="${OUT:-$REPO/benchmarks/out/gpu}"
 SITE=/tmp/q70site          # the carried wheels, installed there
 SHIM=/tmp/q70shim          # holds only a `qlora70` link: what goes on PYTHONPATH
@@ -70,8 +71,11 @@ def ok(mod):
         if mod == "cuda":
             seen[mod] = bool(has_cuda) if has_cuda is not None else False
         elif mod == "nccl":
-            import torch.distributed as dist
-            seen[mod] = bool(has_cuda) and dist.is_available() and dist.is_nccl_available()
+            try:
+                import torch.distributed as dist
+                seen[mod] = bool(has_cuda) and dist.is_available() and dist.is_nccl_available()
+            except Exception as e:  # no torch at all: "missing", not a traceback
+                seen[mod] = f"{type(e).__name__}: {e}"[:160]
         else:
             try:
                 importlib.import_module(mod)
