@@ -7,8 +7,10 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from conftest import check_inputs, check_probe, sha256_json, state_fingerprint, tensor_fingerprint
 from qlora70.config import LlamaConfig, LoRAConfig
 from qlora70.layers import Linear4bit
 from qlora70.lora import LoRALinear, get_lora_config, inject_lora, load_adapter, lora_modules, merge_lora, save_adapter
@@ -16,6 +18,24 @@ from qlora70.model import Llama, quantize_model_
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IDS = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+# GOLDEN values; regenerate: `python tests/make_golden.py dora` (oracles installed; see its docstring).
+# GOLDEN: peft 0.21.2 on transformers 5.24.0 (CPU fp32, one thread, torch 2.13.0+cpu), computed once as in
+# test_peft_loads_our_dora_adapter: out = peft.PeftModel.from_pretrained(hf_twin(dense_twin(tiny_llama(quantize=q))),
+# <our DoRA adapter>)(IDS).logits, pinned as conftest.logit_probe(out); "keys" = sha256_json(sorted keys of the
+# adapter_model.safetensors PEFT itself writes for LoraConfig(r=4, lora_alpha=8, target_modules=ALL, use_dora=True));
+# "inputs" = state_fingerprint(<our adapter's tensors>) + tensor_fingerprint(IDS).
+PEFT_DORA_GOLDEN = {  # quantize -> pinned values
+    False: {"inputs": [703.954088226, 1131.640803442, 6451.0, 6451.0], "n_keys": 42,
+            "keys": "da151a479b774fb02bdce0e81ff9501bd12212916bcb133854b6484029d21006",
+            "logits": {"sum": -15.419158, "at": [-0.6775815, 0.283212, 0.0274544, -0.0212843,
+                                                 -0.3227638, 0.0655358, -1.0354805, -0.3607879]}},
+    True: {"inputs": [709.512621686, 1137.199336902, 6451.0, 6451.0], "n_keys": 42,
+           "keys": "da151a479b774fb02bdce0e81ff9501bd12212916bcb133854b6484029d21006",
+           "logits": {"sum": -11.760903, "at": [-0.7221769, 0.2827663, 0.0061504, -0.0362786,
+                                                -0.3017097, 0.0963002, -1.0464449, -0.3556297]}},
+}
 
 
 def tiny_llama(seed: int = 0, quantize: bool = False, **overrides) -> Llama:
@@ -241,6 +261,25 @@ def test_peft_loads_our_dora_adapter(tmp_path, quantize):
     out = pm(input_ids=IDS).logits
     torch.testing.assert_close(out, ours(IDS), rtol=1e-5, atol=1e-5)
     assert (out - plain).abs().max() > 1e-3, "the adapter must change the logits"
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_peft_loads_our_dora_adapter_golden(tmp_path, quantize):
+    """Without peft: our DoRA adapter has exactly PEFT's key set, and our logits with it equal the pinned logits PEFT
+    computed from the same file (companion of test_peft_loads_our_dora_adapter)."""
+    ours = tiny_llama(quantize=quantize)
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=ALL, use_dora=True))
+    randomize(ours)
+    ours.eval()
+    save_adapter(ours, tmp_path)
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    want = PEFT_DORA_GOLDEN[quantize]
+    assert len(sd) == want["n_keys"] and sha256_json(sorted(sd)) == want["keys"], \
+        f"adapter keys differ from PEFT's: {sorted(sd)[:4]}..."
+    check_inputs(state_fingerprint(sd) + tensor_fingerprint(IDS), want["inputs"],
+                 f"test_peft_loads_our_dora_adapter_golden[{quantize}]")
+    with torch.no_grad():
+        check_probe(ours(IDS), want["logits"], atol=1e-5)
 
 
 @pytest.mark.parametrize("quantize", [False, True])

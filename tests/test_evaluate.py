@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import check_inputs, sha256_json, state_fingerprint, tiny_llama
 from qlora70 import evaluate as E
 from qlora70.data import Entry, tokenize_entries
 from qlora70.tasks import load_medqa, load_pubmedqa
@@ -19,6 +20,23 @@ sentencepiece = pytest.importorskip("sentencepiece")
 DATA = Path(__file__).resolve().parent.parent / "data"
 MEDQA_TEST = DATA / "medqa/US_4options_test_200.jsonl"
 MEDQA_DEV = DATA / "medqa/US_4options_dev_300.jsonl"
+
+
+# GOLDEN values; regenerate: `python tests/make_golden.py evaluate` (oracles installed; see its docstring).
+# GOLDEN: transformers 5.24.0 LlamaForCausalLM (CPU fp32, one thread, torch 2.13.0+cpu), computed once:
+# reference_loglik(hf, tok, prompt, " " + label) for every label of golden_items(), with tok = train_tokenizer() and
+# hf = the transformers twin (m.config.to_hf(), m.state_dict()) of seeded_llama(tok); "inputs" =
+# state_fingerprint(seeded_llama(tok).state_dict()), "encoded" = sha256_json of tok.encode(prompt + " " + label) (the
+# sentencepiece training is part of the inputs).
+HF_LOGLIK_GOLDEN = {"inputs": [407.745085785, 135853.332597042],
+                    "encoded": "7225cb18a36266bbe49746485271f94e1ffbf93628a5297841003e563365cdbf"}
+HF_LOGLIK_REFS = [
+    -29.36902, -22.261142, -38.544552, -42.485811, -29.790746, -22.692169, -37.953848, -43.76786,
+    -31.143619, -23.632164, -38.857617, -43.538583, -28.901545, -22.072765, -37.273996, -42.873098,
+    -28.979734, -22.44445, -38.222193, -42.184466, -30.23795, -21.682433, -38.033498, -42.671439,
+    -55.932896, -41.399257, -174.086262, -54.451272, -42.083052, -175.147352, -54.178865, -41.361653,
+    -173.981074, -53.888392, -40.471997, -174.809867,
+]
 
 
 class SPTokenizer:
@@ -41,6 +59,11 @@ class SPTokenizer:
 
 @pytest.fixture(scope="module")
 def tok() -> SPTokenizer:
+    return train_tokenizer()
+
+
+def train_tokenizer() -> SPTokenizer:
+    """A 1000-piece sentencepiece BPE trained (one thread: deterministic) on MedQA dev questions + PubMedQA contexts."""
     texts = [it.question for it in load_medqa(MEDQA_DEV).items[:150]]
     texts += [it.context for it in load_pubmedqa(DATA / "pubmedqa").items[:60]]
     buf = io.BytesIO()
@@ -142,6 +165,35 @@ def test_letter_loglikelihoods_equal_direct_transformers(tok, hf):
     for bs in (1, 3, 16):
         got = E.loglikelihoods(model_fn(hf), requests, batch_size=bs, pad_id=tok.pad_id, progress=False)
         assert got == pytest.approx(refs, abs=2e-5, rel=1e-6)
+
+
+def golden_items():
+    return load_medqa(MEDQA_TEST).items[:6] + load_pubmedqa(DATA / "pubmedqa").items[:4]
+
+
+def seeded_llama(tok):
+    """A seeded qlora70 Llama shaped like the `hf` fixture's model (larger lm_head so the letters do not tie)."""
+    m = tiny_llama(0, vocab_size=tok.vocab_size, intermediate_size=128, max_position_embeddings=2048,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def test_letter_loglikelihoods_golden(tok):
+    """Without transformers: batched, right-padded letter log-likelihoods equal the pinned one-forward-per-request
+    references transformers computed for the same seeded weights (companion of
+    test_letter_loglikelihoods_equal_direct_transformers)."""
+    m = seeded_llama(tok)
+    check_inputs(state_fingerprint(m.state_dict()), HF_LOGLIK_GOLDEN["inputs"], "test_letter_loglikelihoods_golden")
+    fmt_of = lambda it: E.FORMATS["lm-eval-pubmedqa" if it.context else "lm-eval-mcq"]  # noqa: E731
+    pairs = [(fmt_of(it).render(it), " " + lab) for it in golden_items() for lab in it.labels]
+    assert sha256_json([tok.encode(p + c) for p, c in pairs]) == HF_LOGLIK_GOLDEN["encoded"], \
+        "the trained tokenizer or the prompts changed: recompute the golden values"
+    requests = [E.split_continuation(tok, p, c, add_bos=True) for p, c in pairs]
+    for bs in (1, 16):
+        got = E.loglikelihoods(m, requests, batch_size=bs, pad_id=tok.pad_id, progress=False)
+        assert got == pytest.approx(HF_LOGLIK_REFS, abs=2e-5, rel=1e-6)
 
 
 def test_one_forward_per_question(tok, hf):

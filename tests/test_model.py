@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import normal_init, tiny_config, tiny_llama
+from conftest import (check_inputs, check_probe, normal_init, state_fingerprint, tensor_fingerprint, tiny_config,
+                      tiny_llama)
 from qlora70.config import LlamaConfig
 from qlora70.layers import Linear4bit
 from qlora70.model import KVCache, Llama, count_parameters, quantize_model_, set_gradient_checkpointing
@@ -35,6 +36,35 @@ CASES = [  # (tie, rope_theta, kv heads)
 ]
 
 
+# GOLDEN values; regenerate: `python tests/make_golden.py model` (oracles installed; see its docstring).
+# GOLDEN: transformers 5.24.0 LlamaForCausalLM (CPU fp32, one thread, torch 2.13.0+cpu), computed once as in
+# test_logits_match_transformers: hf = hf_twin(m); ref = hf(ids).logits; ref_h = hf(ids, output_hidden_states=True)
+# .hidden_states[-1]; pinned as conftest.logit_probe(ref) / logit_probe(ref_h) (8 values at evenly spaced flat positions
+# + the float64 sum). "inputs" = state_fingerprint(m.state_dict()) + tensor_fingerprint(ids) (the seeded inputs).
+HF_LOGITS_GOLDEN = {  # (tie, rope_theta, kv heads) as in CASES
+    (False, 10000.0, 2): {"inputs": [304.302712315, 12108.77133519, 1547.0, 1547.0],
+        "logits": {"sum": 75.917234, "at": [0.025609, -3.4826226, 0.313915, 3.0458639,
+                                            -2.3689394, -3.0893579, 1.191765, 1.1252235]},
+        "hidden": {"sum": 37.41011, "at": [-0.856931, -0.96729, -0.4185261, -1.9147321,
+                                           -1.513003, -1.9617163, -0.0959052, 0.0383107]}},
+    (True, 500000.0, 2): {"inputs": [275.232655196, 12112.105570125, 1547.0, 1547.0],
+        "logits": {"sum": -177.310173, "at": [-1.7196789, -0.3432284, 1.232782, 3.4615309,
+                                              -0.5559769, -0.4526448, -0.4635349, 1.7885494]},
+        "hidden": {"sum": 38.645365, "at": [-0.856931, -0.9189923, -0.4224938, -0.6174564,
+                                            -1.5836618, -1.8969988, 0.6820822, -0.8037937]}},
+    (False, 500000.0, 4): {"inputs": [290.461772969, 13426.024331082, 1547.0, 1547.0],
+        "logits": {"sum": -32.731507, "at": [-0.0448618, -0.6466537, 0.9391689, -0.3333045,
+                                             1.0839949, -0.3611863, 1.8070664, -0.3428419]},
+        "hidden": {"sum": 92.529816, "at": [0.2535477, -1.2037114, -2.8124745, -0.6172111,
+                                            -0.6644811, -0.529801, -0.9567165, 1.941605]}},
+    (True, 10000.0, 1): {"inputs": [261.836148008, 11500.571725994, 1547.0, 1547.0],
+        "logits": {"sum": -35.445249, "at": [-0.5814233, 1.4747267, 0.2292058, 2.0119443,
+                                             1.6799634, 0.9287117, 1.4913108, -1.0499177]},
+        "hidden": {"sum": -110.708341, "at": [0.7551706, -0.6795858, -1.2885636, 1.1142602,
+                                              0.6208372, 0.1467975, -1.7101408, -1.1036619]}},
+}
+
+
 @pytest.mark.parametrize("tie,theta,kv", CASES)
 def test_logits_match_transformers(tie, theta, kv):
     m = random_model(tiny(tie_word_embeddings=tie, rope_theta=theta, num_key_value_heads=kv))
@@ -49,6 +79,21 @@ def test_logits_match_transformers(tie, theta, kv):
     assert (ours - ref).abs().max().item() < 1e-4
     assert (hidden - ref_h).abs().max().item() < 1e-4
     assert (m.lm_head.weight is m.model.embed_tokens.weight) == tie
+
+
+@pytest.mark.parametrize("tie,theta,kv", CASES)
+def test_logits_golden(tie, theta, kv):
+    """Without transformers: our logits and last hidden state equal transformers' pinned values for the same seeded
+    model and ids (companion of test_logits_match_transformers)."""
+    m = random_model(tiny(tie_word_embeddings=tie, rope_theta=theta, num_key_value_heads=kv))
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    want = HF_LOGITS_GOLDEN[(tie, theta, kv)]
+    check_inputs(state_fingerprint(m.state_dict()) + tensor_fingerprint(ids), want["inputs"],
+                 f"test_logits_golden[{tie}-{theta}-{kv}]")
+    with torch.no_grad():
+        ours, hidden = m(ids), m(ids, return_hidden=True)
+    check_probe(ours, want["logits"], atol=1e-5)
+    check_probe(hidden, want["hidden"], atol=1e-5)
 
 
 def test_head_dim_not_hidden_over_heads():

@@ -7,11 +7,59 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import check_inputs, sha256_tensor, tensor_fingerprint
 from qlora70 import NF4Weight, dequantize_nf4, quantize_nf4
 from qlora70.nf4 import NF4_CODES, create_dynamic_map, dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 SHAPES = [(1, 1), (5, 7), (3, 64), (33, 129), (64, 64), (300, 257), (128, 1000)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# GOLDEN values; regenerate: `python tests/make_golden.py nf4` (oracles installed; see its docstring).
+# GOLDEN: bitsandbytes 0.50.2 (CPU, torch 2.13.0+cpu), computed once with
+#   w = _rand(shape, dtype, seed=hash(shape) % 1000)
+#   qb, sb = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)    -> packed, nested_absmax, offset
+#   _, sb2 = F.quantize_4bit(w, quant_type="nf4", compress_statistics=False)  -> absmax (fp32, no double quant)
+# as sha256_tensor(...) of the raw bytes (conftest); "input" is tensor_fingerprint(w), the check that the seeded input
+# is still the one bitsandbytes saw. DYNAMIC_MAP_SHA256 = sha256_tensor(F.create_dynamic_map(signed=True)).
+DYNAMIC_MAP_SHA256 = "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
+BNB_GOLDEN = {  # "<rows>x<cols>:<dtype>"
+    "5x7:float32": {"input": [0.162432236, 0.667699632], "offset": 0.07691837847232819,
+        "packed": "fd1cf41fe158f6823cb843b0259d86d5796594cd22dbd7fc1e590f55850ddbb9",
+        "nested_absmax": "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119",
+        "absmax": "d3600520a87c95a2fa0ef8b636e602272dc0e21a19b358e04a8e89605fb450d4"},
+    "5x7:float16": {"input": [0.162423849, 0.667679071], "offset": 0.076904296875,
+        "packed": "fd1cf41fe158f6823cb843b0259d86d5796594cd22dbd7fc1e590f55850ddbb9",
+        "nested_absmax": "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119",
+        "absmax": "2c6a7ee0caa487b6df76b3a9823c23d97a51cab335ee01e756fcaf4e15269e69"},
+    "5x7:bfloat16": {"input": [0.162893295, 0.668115616], "offset": 0.0771484375,
+        "packed": "fd1cf41fe158f6823cb843b0259d86d5796594cd22dbd7fc1e590f55850ddbb9",
+        "nested_absmax": "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119",
+        "absmax": "811cee640ead4bcd2c9c1f7394c6c9c192e29120d00b13695a9153dbf7828867"},
+    "33x129:float32": {"input": [0.535736685, 68.622616977], "offset": 0.050850044935941696,
+        "packed": "871829773760d18eb83415fe3bd0994476fb488a36ca6168f522eb3e9a265391",
+        "nested_absmax": "f89044963ea8d85653b76ede031407cf4d6551c415df0b1b0856e134847d5989",
+        "absmax": "0a70f734c9ec93fce73518e2924a0bd00ae6b8f75dd572f444861d9c4a260e7f"},
+    "33x129:float16": {"input": [0.535695434, 68.622489333], "offset": 0.050850484520196915,
+        "packed": "44f10f4231de9c787baf8840b0e7eb911858964b73c886e3b7866d1ac3d43231",
+        "nested_absmax": "83a450ae623b06782a228a38d4a03c457aa99c1e245e9ff5fbb93ae2d7873eb2",
+        "absmax": "72eef98813807bf19e4fbae872f0f0fbce2f477b0159e8848ab1e585fc21ecbc"},
+    "33x129:bfloat16": {"input": [0.536538452, 68.623243898], "offset": 0.050857771188020706,
+        "packed": "50e23c205ff923f6f781bc97d2f8feb192336c5ab966a64c1c6938cb08e64c59",
+        "nested_absmax": "efc26cbdf755b24e48814a293cad23b620df2188efc98d7e13dd176b0e2e56b2",
+        "absmax": "d02d69d411730c24196892ca406cbb2a254900a87214806ebe16eacf5d955a6f"},
+    "300x257:float32": {"input": [9.080358308, 1228.242184577], "offset": 0.05200417712330818,
+        "packed": "689430f2ad50e6da75b7437e69a1f4af57757a1661cb31d63d7f59dd3e43dab7",
+        "nested_absmax": "44d05b581d5517591e637bfd73bc599c23f251ac96b7c0018fac535bde781050",
+        "absmax": "40a2d96de78269f12d76b3c984a8e580bd9c53abb3b7977f8c82b8a5ebac0f22"},
+    "300x257:float16": {"input": [9.078134954, 1228.242865026], "offset": 0.05200418084859848,
+        "packed": "8ceac72f58a1fa640f1ad9e50107d90ef9263169a4c67ab37d7c1c7f326049c4",
+        "nested_absmax": "4ee4a588ef9519faa09078ee90ccabafb27bbea925adcf816e77a85de1d0c27c",
+        "absmax": "099b9000898d5d36abc14be608452173535d76eaa9bd8943d2823520fdef7290"},
+    "300x257:bfloat16": {"input": [9.088627124, 1228.229002779], "offset": 0.0520063079893589,
+        "packed": "21dc8f0ff3b8fb81678d24beb7dc93336c3707e3a18d556b9f949faf85f848c1",
+        "nested_absmax": "dc63cafcc9dcab4c10d1cb5b9db9163c7488847672f637cc60e0fc97ac5d8195",
+        "absmax": "34aab6c288e734ada9a44448dbf2734ddb8354b3a47111646494616ce50804ab"},
+}
 
 
 def _bnb():
@@ -50,6 +98,28 @@ def test_packed_bytes_equal_bitsandbytes(shape, dtype):
     qb2, sb2 = F.quantize_4bit(w, quant_type="nf4", compress_statistics=False)
     q2 = quantize_nf4(w, double_quant=False)
     assert torch.equal(q2.packed, qb2) and torch.equal(q2.absmax, sb2.absmax)
+
+
+def test_dynamic_map_golden():
+    """Without bitsandbytes: the 8-bit dynamic map equals bitsandbytes' byte for byte (pinned sha256)."""
+    assert sha256_tensor(create_dynamic_map(signed=True)) == DYNAMIC_MAP_SHA256
+
+
+@pytest.mark.parametrize("key", sorted(BNB_GOLDEN))
+def test_packed_bytes_golden(key):
+    """Without bitsandbytes: packed bytes, double-quantized absmax, offset and plain absmax equal the pinned
+    bitsandbytes results for the same seeded weights (companion of test_packed_bytes_equal_bitsandbytes)."""
+    shape_s, dtype_s = key.split(":")
+    shape, dtype = tuple(int(n) for n in shape_s.split("x")), getattr(torch, dtype_s)
+    want = BNB_GOLDEN[key]
+    w = _rand(shape, dtype, seed=hash(shape) % 1000)
+    check_inputs(tensor_fingerprint(w), want["input"], f"test_packed_bytes_golden[{key}]")
+    q = quantize_nf4(w)
+    assert sha256_tensor(q.packed) == want["packed"], "4-bit packed bytes differ from bitsandbytes' (pinned)"
+    assert sha256_tensor(q.nested_absmax) == want["nested_absmax"], "8-bit absmax codes differ from bitsandbytes'"
+    assert q.offset == want["offset"]
+    q2 = quantize_nf4(w, double_quant=False)
+    assert sha256_tensor(q2.packed) == want["packed"] and sha256_tensor(q2.absmax) == want["absmax"]
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (300, 257), (512, 1000)])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sha256_json
 from qlora70.recipe import smollm2_gguf
 from qlora70.tokenizer import (GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, ByteBPETokenizer, SentencePieceTokenizer,
                                Tokenizer, _compile, load_tokenizer, read_gguf_metadata)
@@ -63,6 +64,41 @@ def fuzz_texts(n: int, seed: int, specials: tuple[str, ...] = ()) -> list[str]:
     return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
+# GOLDEN values; regenerate: `python tests/make_golden.py tokenizer` (oracles installed; see its docstring).
+# GOLDEN: computed once with the reference libraries (regex 2026.11.19, tokenizers 0.23.3, transformers 5.24.0,
+# gguf's GGUFReader), as sha256_json (conftest) of their outputs; "texts" pins the (seeded, repo-internal) inputs.
+# - REGEX_GOLDEN[pattern] = (sha256_json([regex.compile(p).findall(t) for t in texts]),
+#   sha256_json([[s for s, _ in tokenizers.pre_tokenizers.Split(tokenizers.Regex(p), "isolated").pre_tokenize_str(t)]
+#   for t in texts])) with texts = fuzz_texts(400, seed=1) + TEXTS (as in test_regex_translation_matches_references).
+# - SMOLLM2_REF_GOLDEN: the `smol` fixture's reference tokenizers.Tokenizer (built from GGUFReader data):
+#   [e.ids for e in ref.encode_batch(texts, add_special_tokens=False)], texts = _golden_smol_texts().
+# - SMOLLM2_HF_GOLDEN: transformers.AutoTokenizer.from_pretrained(<dir>, gguf_file=<SmolLM2 GGUF>): hf.encode(t,
+#   add_special_tokens=False) over the texts of _golden_smol_texts() that test_smollm2_matches_transformers keeps,
+#   and hf.convert_ids_to_tokens(range(0, 49152, 97)).
+# - LLAMA2_HF_GOLDEN: transformers.LlamaTokenizer.from_pretrained(<dir with tokenizer.model>, legacy=True)
+#   .encode(t, add_special_tokens=False) over the TEXTS test_llama2_against_transformers compares.
+REGEX_GOLDEN = {  # pattern -> (regex findall, tokenizers isolated Split)
+    GPT2_PATTERN: ("7dd7ca0382dec4891a35bc3d2ff7265a4d05d3e338c0921674ef33bc3688aab6",
+        "7dd7ca0382dec4891a35bc3d2ff7265a4d05d3e338c0921674ef33bc3688aab6"),
+    LLAMA3_PATTERN: ("92e1b0cb9dfb6af7264ab3b86ecb04dc57f0240a60d2c2fd40b17175048bf70d",
+        "92e1b0cb9dfb6af7264ab3b86ecb04dc57f0240a60d2c2fd40b17175048bf70d"),
+    QWEN2_PATTERN: ("8c4a3b8c01553331e34054c35c9cd313760cf53e4cf7a87436102d8f851a78aa",
+        "8c4a3b8c01553331e34054c35c9cd313760cf53e4cf7a87436102d8f851a78aa"),
+    r"\p{N}": ("329a3d63657b2542f3d6cc136a84ebfbcdf8b26161df03ee61d86e9654d78a08",
+        "2bccddbe2278ce0a919f0f852bcfb5bdc5f6d50d5b5942dbc01a3ad774e67241"),
+    r"[^\s\p{L}]+|\S+": ("58ed7761d0ee0ee3bcd0b8092401c26942eb6e7e7c88bc3746fa6961c3b59084",
+        "b76ba792a8861a6147468f118beddd90a0fff7349bc01759ffcd89dcd926694c"),
+}
+REGEX_TEXTS_SHA256 = "e57602ddb60f9a54992d07f5056a0269d8115838f150ca3d725df6ee7ec3aef2"
+SMOLLM2_REF_GOLDEN = {"texts": "22070d88212c039ef21ce107445105cd29325804650e000fdb8e7a43c8908777",
+                      "n_tokens": 5189, "ids": "868a3c715d340c0a2f6366d135a0548e3cff9fbbb1c2e72169a3f395e8bc87eb"}
+SMOLLM2_HF_GOLDEN = {"texts": "839e168a6dcbf6071ccf9f80f392fe8befdfe929cc4336805cf2105d03ce875c",
+                     "n_tokens": 1335, "ids": "6071d2b748ec9d63a24357681021aefd72673e498d48b38bb36f70bdbdf94463",
+                     "pieces": "711fa2e3cc52a4c1949a3a636597aa2da2a33bb6fff3799991628f5bc1328bdc"}
+LLAMA2_HF_GOLDEN = {"texts": "4fb679b4c7ccbece95dc31f3993371a02050798c642056e4634ff40d823c4b43",
+                    "n_tokens": 412, "ids": "45c5a1d111be5082a3d604b8270d6bb0b0c94d7f37b211aa73e638f5e381007b"}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Regex translation (stdlib re with explicit Unicode classes == Oniguruma / regex semantics)
 
@@ -80,6 +116,18 @@ def test_regex_translation_matches_references(pattern):
     from qlora70.tokenizer import _isolated_split
     for t in texts:
         assert _isolated_split(ours, t) == [s for s, _ in split.pre_tokenize_str(t)], repr(t)
+
+
+@pytest.mark.parametrize("pattern", list(REGEX_GOLDEN), ids=["gpt2", "llama3", "qwen2", "N", "mixed"])
+def test_regex_translation_golden(pattern):
+    """Without regex / tokenizers: findall and the isolated split equal the references' pinned results."""
+    from qlora70.tokenizer import _isolated_split
+    texts = fuzz_texts(400, seed=1) + TEXTS
+    assert sha256_json(texts) == REGEX_TEXTS_SHA256, "the seeded texts changed: recompute the golden values"
+    ours = _compile(pattern)
+    findall, split = REGEX_GOLDEN[pattern]
+    assert sha256_json([ours.findall(t) for t in texts]) == findall, "findall differs from regex's (pinned)"
+    assert sha256_json([_isolated_split(ours, t) for t in texts]) == split, "split differs from tokenizers' (pinned)"
 
 
 def test_regex_translation_rejects_unknown_property():
@@ -266,6 +314,23 @@ def test_llama2_against_transformers():
                 assert tok.encode(t) == ref.encode(t, add_special_tokens=False), repr(t)
                 assert tok.encode(t, bos=True) == [ref.bos_token_id] + ref.encode(t, add_special_tokens=False)
         assert tok.encode("", bos=True) == [1]
+
+
+def _llama2_golden_texts() -> list[str]:
+    return [t for t in TEXTS if "  " not in t and " \n" not in t and "<s>" not in t and "</s>" not in t
+            and t.strip() and not t[0].isspace()]
+
+
+def test_llama2_against_transformers_golden():
+    """Without transformers: our Llama-2 ids equal transformers' pinned ones (companion of
+    test_llama2_against_transformers; needs only the shared tokenizer.model)."""
+    if not LLAMA2_MODEL.is_file():
+        pytest.skip("Llama-2 tokenizer.model not present")
+    texts = _llama2_golden_texts()
+    assert sha256_json(texts) == LLAMA2_HF_GOLDEN["texts"], "the texts changed: recompute the golden values"
+    tok = load_tokenizer(LLAMA2_MODEL.parent)
+    ids = [tok.encode(t) for t in texts]
+    assert sum(map(len, ids)) == LLAMA2_HF_GOLDEN["n_tokens"] and sha256_json(ids) == LLAMA2_HF_GOLDEN["ids"]
 
 
 LLAMA2_HF_TEMPLATE = (  # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json
@@ -565,6 +630,30 @@ def smol_hf():
 
 def _smol_texts() -> list[str]:
     return TEXTS + medical_texts(300) + fuzz_texts(200, seed=6, specials=("<|im_start|>", "<|im_end|>"))
+
+
+def _golden_smol_texts() -> list[str]:
+    """_smol_texts() without the Medical Meadow sample (shared data that may be absent): repo-internal only."""
+    return TEXTS + fuzz_texts(200, seed=6, specials=("<|im_start|>", "<|im_end|>"))
+
+
+@needs_smol
+@pytest.mark.parametrize("backend", [None, "python"])
+def test_smollm2_golden(backend):
+    """Without tokenizers / transformers: our SmolLM2 ids equal the reference tokenizers' and (on the texts where the
+    two agree by design) transformers' pinned ids, and our pieces equal transformers' (companion of
+    test_smollm2_matches_reference and test_smollm2_matches_transformers)."""
+    import re
+    tok = load_tokenizer(SMOL_GGUF) if backend is None else load_tokenizer(SMOL_GGUF, backend=backend)
+    texts = _golden_smol_texts()
+    assert sha256_json(texts) == SMOLLM2_REF_GOLDEN["texts"], "the seeded texts changed: recompute the golden values"
+    ids = tok.encode_batch(texts)
+    assert sum(map(len, ids)) == SMOLLM2_REF_GOLDEN["n_tokens"] and sha256_json(ids) == SMOLLM2_REF_GOLDEN["ids"]
+    same = [t for t in texts if not any(c.isnumeric() and not c.isascii() for c in t) and not re.search(r"\s\s\d", t)]
+    assert sha256_json(same) == SMOLLM2_HF_GOLDEN["texts"]
+    ids = tok.encode_batch(same)
+    assert sum(map(len, ids)) == SMOLLM2_HF_GOLDEN["n_tokens"] and sha256_json(ids) == SMOLLM2_HF_GOLDEN["ids"]
+    assert sha256_json([tok.id_to_piece(i) for i in range(0, 49152, 97)]) == SMOLLM2_HF_GOLDEN["pieces"]
 
 
 @needs_smol
