@@ -361,6 +361,7 @@ def write_report(report: dict, cfg: RunConfig, before: dict, after: dict, out: P
     summary, lora, d = report["summary"], cfg.lora, report["data"]
     md = ["# qlora70 run report", "", f"- model: `{cfg.model}` on {report['device']}; {summary['step']} steps, "
           f"{summary['tokens_seen']} tokens in {report['train_s']:.0f}s",
+          f"- compute dtype: {report['compute_dtype']['dtype']} ({report['compute_dtype']['reason']})",
           f"- LoRA r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets {', '.join(lora.targets)}",
           f"- data: {d['n_train']} train / {d['n_val']} validation examples, template `{cfg.template}`"]
     if d.get("split_note"):
