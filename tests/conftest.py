@@ -133,3 +133,14 @@ def check_probe(t: torch.Tensor, want: dict, atol: float = 1e-5, sum_atol: float
     err = max(abs(g - w) for g, w in zip(got["at"], want["at"]))
     assert err <= atol, f"values at the probe positions differ from the oracle's by {err:.3g} > {atol}: {got['at']}"
     assert abs(got["sum"] - want["sum"]) <= sum_atol, f"float64 sum {got['sum']} != oracle's {want['sum']}"
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM holding `model`'s weights (fp32, eval): the oracle twin of the LoRA/DoRA parity
+    tests (skips without transformers)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}))
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf.float().eval()

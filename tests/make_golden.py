@@ -21,19 +21,10 @@ os.environ.setdefault("QLORA70_BACKEND", "torch")
 os.environ.setdefault("QLORA70_CPU_COMPUTE_DTYPE", "fp32")
 import torch  # noqa: E402
 
-from conftest import (logit_probe, normal_init, sha256_json, sha256_tensor, state_fingerprint,  # noqa: E402
-                      tensor_fingerprint, tiny_llama)
+from conftest import (hf_twin, logit_probe, sha256_json, sha256_tensor, state_fingerprint,  # noqa: E402
+                      tensor_fingerprint)
 
 torch.set_num_threads(1)  # as the test session (conftest)
-
-
-def _hf_twin(m):
-    import transformers
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
-        k: v for k, v in m.config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}))
-    missing, unexpected = hf.load_state_dict(m.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf.float().eval()
 
 
 def nf4() -> dict:
@@ -95,7 +86,7 @@ def lora() -> dict:
     inject_lora(ours, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj")))
     L.randomize_b(ours)
-    return {"PEFT_LORA_GOLDEN": _peft_run(ours.eval(), L._hf_twin(L.tiny_llama()), L.IDS, False)}
+    return {"PEFT_LORA_GOLDEN": _peft_run(ours.eval(), hf_twin(L.tiny_llama()), L.IDS, False)}
 
 
 def dora() -> dict:
@@ -209,7 +200,7 @@ def evaluate() -> dict:
     from qlora70 import evaluate as E
     tok = T.train_tokenizer()
     m = T.seeded_llama(tok)
-    hf = _hf_twin(m)
+    hf = hf_twin(m)
     fmt_of = lambda it: E.FORMATS["lm-eval-pubmedqa" if it.context else "lm-eval-mcq"]  # noqa: E731
     pairs = [(fmt_of(it).render(it), " " + lab) for it in T.golden_items() for lab in it.labels]
     return {"HF_LOGLIK_GOLDEN": dict(inputs=state_fingerprint(m.state_dict()),

@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import check_inputs, check_probe, sha256_json, state_fingerprint, tensor_fingerprint
-from qlora70.config import LlamaConfig, LoRAConfig
+import conftest
+from conftest import check_inputs, check_probe, hf_twin, sha256_json, state_fingerprint, tensor_fingerprint
+from qlora70.config import LoRAConfig
 from qlora70.layers import Linear4bit
 from qlora70.lora import LoRALinear, get_lora_config, inject_lora, load_adapter, lora_modules, merge_lora, save_adapter
-from qlora70.model import Llama, quantize_model_
+from qlora70.model import Llama
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IDS = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -39,13 +40,8 @@ PEFT_DORA_GOLDEN = {  # quantize -> pinned values
 
 
 def tiny_llama(seed: int = 0, quantize: bool = False, **overrides) -> Llama:
-    torch.manual_seed(seed)
-    m = Llama(LlamaConfig.from_name("tiny", **overrides))
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return quantize_model_(m) if quantize else m.eval()
+    """conftest's builder with norms that matter (as tests/test_lora.py)."""
+    return conftest.tiny_llama(seed, quantize=quantize, init=conftest.uniform_norms, eval=not quantize, **overrides)
 
 
 def randomize(model: nn.Module, seed: int = 1) -> None:
@@ -68,15 +64,6 @@ def dense_twin(model: Llama) -> Llama:
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, lin)
     return model
-
-
-def hf_twin(model: Llama):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
-        k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}))
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf.float().eval()
 
 
 def reference_dora(x, w, bias, a, b, m, scale, keep=None):

@@ -39,7 +39,7 @@ IDS = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(3))
 
 # GOLDEN values; regenerate: `python tests/make_golden.py lora` (oracles installed; see its docstring).
 # GOLDEN: peft 0.21.2 on transformers 5.24.0 (CPU fp32, one thread, torch 2.13.0+cpu), computed once as in
-# test_peft_loads_our_adapter: out = peft.PeftModel.from_pretrained(_hf_twin(tiny_llama()), <our adapter>)(IDS).logits,
+# test_peft_loads_our_adapter: out = peft.PeftModel.from_pretrained(hf_twin(tiny_llama()), <our adapter>)(IDS).logits,
 # pinned as conftest.logit_probe(out); "keys" = sha256_json(sorted keys of the adapter_model.safetensors PEFT itself
 # writes for LoraConfig(r=4, lora_alpha=8, target_modules=<all 7>)); "inputs" = state_fingerprint(<our adapter's
 # tensors>) + tensor_fingerprint(IDS).
@@ -243,19 +243,10 @@ def test_load_adapter_mismatches(tmp_path):
 
 # ---- PEFT oracles ------------------------------------------------------------------------------------------------
 
-def _hf_twin(model: Llama):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
-        k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}))
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf.float().eval()
-
-
 def test_peft_loads_our_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     base = tiny_llama()
-    hf = _hf_twin(base)
+    hf = conftest.hf_twin(base)
     plain = base(IDS)
     torch.testing.assert_close(hf(IDS).logits, plain, rtol=1e-4, atol=1e-4)
     ours = tiny_llama()
@@ -293,7 +284,7 @@ def test_peft_loads_our_adapter_golden(tmp_path):
 def test_we_load_peft_adapter(tmp_path, rslora):
     peft = pytest.importorskip("peft")
     base = tiny_llama()
-    hf = _hf_twin(base)
+    hf = conftest.hf_twin(base)
     cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"],
                           task_type="CAUSAL_LM", init_lora_weights=False, use_rslora=rslora)  # random B too
     torch.manual_seed(5)
@@ -304,7 +295,7 @@ def test_we_load_peft_adapter(tmp_path, rslora):
     base.eval()
     assert get_lora_config(base).use_rslora is rslora
     torch.testing.assert_close(base(IDS), want, rtol=1e-4, atol=1e-4)
-    assert (want - _hf_twin(tiny_llama())(IDS).logits).abs().max() > 1e-3, "the adapter must change the logits"
+    assert (want - conftest.hf_twin(tiny_llama())(IDS).logits).abs().max() > 1e-3, "the adapter must change the logits"
 
 
 # ---- the 4-bit autograd Function -----------------------------------------------------------------------------------
