@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora70.nf4 import NF4Weight
+from qlora70.nf4 import NF4Weight, workspace_view
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -321,13 +321,9 @@ def _dense_weight(q: NF4Weight, dtype: torch.dtype, keep: bool) -> torch.Tensor:
     matmul that reads it finishes before the next decode overwrites it."""
     if keep or not USE_WORKSPACE:
         return dequantize(q, dtype)
-    key = (q.device, dtype)
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < q.numel:
-        _WORKSPACE.pop(key, None)  # free the smaller buffer before allocating the larger one
-        buf = torch.empty(q.numel, dtype=dtype, device=q.device)
-        _WORKSPACE[key] = buf
-    return dequantize(q, dtype, out=buf[: q.numel].view(q.shape))
+    out = workspace_view(_WORKSPACE, (q.device, dtype), tuple(q.shape), dtype,
+                         lambda n, dt: torch.empty(n, dtype=dt, device=q.device))
+    return dequantize(q, dtype, out=out)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

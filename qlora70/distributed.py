@@ -407,7 +407,7 @@ class DistributedTrainer(Trainer):
         cfg = self.cfg
         return ShardedOptimizer(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged,
-                                offload=cfg.optim_offload)
+                                offload=cfg.optim_offload and self.device.type == "cuda")
 
     # ---- data: deal global batches to ranks --------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):

@@ -250,7 +250,7 @@ class Llama(nn.Module):
         if cache is None:
             if am is None:
                 return None
-            return document_causal_mask(am, am, 0)
+            return document_causal_mask(am)
         if am is not None and cache.doc is None:
             cache.doc = torch.ones(cache.batch_size, cache.max_len, dtype=torch.long, device=dev)
         if cache.doc is None:

@@ -351,7 +351,9 @@ def _decide_compute_dtype() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _cached_compute_dtype() -> tuple[str, str]:
-    key = hashlib.sha256((_cpu_id() + torch.__version__ + str(_PROBE_VERSION)).encode()).hexdigest()[:16]
+    # the verdict depends on the thread count it was measured at (the reason names it), so that is in the key too
+    key = hashlib.sha256((_cpu_id() + torch.__version__ + str(_PROBE_VERSION) + f"t{torch.get_num_threads()}")
+                         .encode()).hexdigest()[:16]
     path = _cache_dir() / f"compute_dtype_{key}.json"
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))

@@ -387,6 +387,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
                      nested_absmax=nested_absmax, offset=float(offset.item()))
 
 
+def workspace_view(bufs: dict, key, shape: tuple[int, ...], dtype: torch.dtype, alloc) -> torch.Tensor:
+    """A `shape` view of the reusable flat buffer `bufs[key]` (a `dequantize_nf4(out=)` target), grown with
+    `alloc(numel, dtype)` when too small; the smaller buffer is freed first. The one workspace rule of the CPU
+    decode (`ops`) and the GPU kernels (`qlora70.kernels`)."""
+    numel = math.prod(shape)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs.pop(key, None)  # free the smaller buffer before allocating the larger one
+        buf = bufs[key] = alloc(numel, dtype)
+    return buf[:numel].view(shape)
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode an `NF4Weight` to a dense [out, in] tensor (fp32 math, one cast). Reference path for the kernels.
 

@@ -27,7 +27,7 @@ import threading
 import torch
 
 from . import native
-from .nf4 import NF4Weight, dequantize_nf4
+from .nf4 import NF4Weight, dequantize_nf4, workspace_view
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -135,12 +135,8 @@ def _cpu_weight(q: NF4Weight, dtype: torch.dtype, keep: bool) -> torch.Tensor:
     with _decode_scope():
         if keep or not USE_CPU_WORKSPACE or q.device.type != "cpu":
             return dequantize_nf4(q, dtype)
-        bufs = _tls.__dict__.setdefault("bufs", {})
-        buf = bufs.get(dtype)
-        if buf is None or buf.numel() < q.numel:
-            bufs.pop(dtype, None)  # free the smaller buffer before allocating the larger one
-            buf = bufs[dtype] = native.empty(q.numel, dtype)
-        return dequantize_nf4(q, dtype, out=buf[: q.numel].view(q.shape))
+        out = workspace_view(_tls.__dict__.setdefault("bufs", {}), dtype, tuple(q.shape), dtype, native.empty)
+        return dequantize_nf4(q, dtype, out=out)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,7 +187,8 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
-    """x (..., in) -> (..., out) through a frozen NF4 weight [out, in]; computes in x's dtype."""
+    """x (..., in) -> (..., out) through a frozen NF4 weight [out, in]; computes in x's dtype, or in the autocast
+    dtype when autocast is on for x's device (the weight is decoded straight to it)."""
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_linear: input has {x.shape[-1]} features but the weight is {tuple(q.shape)} [out, in]")
     if x.device != q.device:

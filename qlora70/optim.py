@@ -240,7 +240,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 dev["exp_avg_sq_codes"], dev["exp_avg_sq_absmax"] = quantize_state(v, signed=False)
             else:
                 self._update(p, grad, dev["exp_avg"], dev["exp_avg_sq"], args)
-            self._writeback(st, dev)
+            if self._offloaded(p):
+                self._writeback(st, dev)
+            else:  # kept where they live: the fresh 8-bit codes replace the stored ones (fp32 states updated in place)
+                st.update(dev)
         for d in self._streams:
             torch.cuda.current_stream(d).synchronize()  # host states must be final before anyone reads them
         return loss

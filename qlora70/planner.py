@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 from .config import LLAMA_TARGETS, LlamaConfig
 from .io import parse_size as _io_parse_size
-from .optim import choose_placement
+from .optim import choose_placement, state_bytes
 
 GiB = 1024 ** 3
 CUDA_CONTEXT = 0.5 * GiB
@@ -180,7 +180,8 @@ def plan_memory(cfg: LlamaConfig, seq_len: int = 1024, micro_batch_size: int = 1
     elif gm is None:
         placement, reason = "device", "auto; no GPU memory given, assumed to fit"
     else:
-        states = lora_params * (8 if optim_bits == 32 else 2)
+        states = L * sum(state_bytes(lora_r * shapes[t][1], optim_bits) + state_bytes(shapes[t][0] * lora_r, optim_bits)
+                         for t in targets)  # as PagedAdamW sizes them (8-bit: + absmax, small tensors 32-bit)
         rest = sum(finish("offload").values())
         placement = choose_placement(states, gm - rest, gm)
         reason = (f"auto: {states / GiB:.2f} GiB of states vs {(gm - rest) / GiB:.2f} GiB left free by the rest of "

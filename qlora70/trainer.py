@@ -185,7 +185,8 @@ class Trainer:
     def _make_optimizer(self, params: list[torch.Tensor]) -> Any:
         cfg = self.cfg
         return PagedAdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                          optim_bits=cfg.optim_bits, paged=cfg.paged, offload=cfg.optim_offload)
+                          optim_bits=cfg.optim_bits, paged=cfg.paged,
+                          offload=cfg.optim_offload and self.device.type == "cuda")  # host is host on a CPU
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):
