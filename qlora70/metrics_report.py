@@ -32,7 +32,9 @@ def as_predictions(run: Any, source: str = "<run>") -> ItemPredictions:
     if not isinstance(recs, (list, tuple)):
         raise TypeError(f"{source}: expected a predictions file, an EvalReport or a list of per-item dicts, got "
                         f"{type(run).__name__}")
-    return predictions_from_records(recs, source)
+    # an EvalReport's calibration uses the scores its headline prediction used (as evaluate.evaluate_items does)
+    key = "scores_norm" if getattr(run, "mode", None) == "option_norm" else "scores"
+    return predictions_from_records(recs, source, score_key=key)
 
 
 @dataclass
@@ -162,12 +164,15 @@ def _pair_task(task: str, pb: ItemPredictions, pa: ItemPredictions, names: tuple
                target: float | None, seed: int, n_resamples: int, alpha: float) -> TaskPair:
     paired = compare(pb, pa, name_a=names[0], name_b=names[1], n_resamples=n_resamples, seed=seed, alpha=alpha)
     tp = TaskPair(task, paired)
-    try:
+    lacking = [p for p in (pb, pa) if p.logliks is None or p.gold is None]
+    if lacking:  # generation mode: no per-choice scores (any other error surfaces)
+        try:
+            lacking[0].need_scores("calibration / selective answering")
+        except ValueError as e:  # its message says what is missing and what to do
+            tp.note = f"calibration and selective answering skipped: {e}"
+    else:
         tp.before = item_metrics(pb, name=f"{task} {names[0]}", target=target, seed=seed)
         tp.after = item_metrics(pa, name=f"{task} {names[1]}", target=target, seed=seed)
-    except ValueError as e:
-        tp.before = tp.after = None
-        tp.note = f"calibration and selective answering skipped: {e}"
     if plots_dir is not None and tp.after is not None:
         from .metrics_plots import plot_coverage, plot_reliability
         out = Path(plots_dir)

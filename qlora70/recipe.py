@@ -122,11 +122,12 @@ def run_config_from_args(a: argparse.Namespace, out_dir: str, *, progress: bool 
         paged=t.paged and not getattr(a, "no_paged", False),
         optim_offload=t.optim_offload or bool(getattr(a, "optim_offload", False)),
         compute_dtype=given("compute_dtype", t.compute_dtype), out_dir=str(out_dir), progress=progress)
-    lora = LoRAConfig(r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
-                      dropout=float(given("lora_dropout", lo.dropout)),
-                      use_dora=given("lora_variant", "dora" if lo.use_dora else "lora") == "dora",
-                      init_lora_weights=given("lora_init", lo.init_lora_weights),
-                      loftq_iters=int(given("loftq_iters", lo.loftq_iters)))
+    lora = dataclasses.replace(  # the preset's other LoRA fields (targets, rsLoRA) kept
+        lo, r=given("lora_r", lo.r), alpha=float(given("lora_alpha", lo.alpha)),
+        dropout=float(given("lora_dropout", lo.dropout)),
+        use_dora=given("lora_variant", "dora" if lo.use_dora else "lora") == "dora",
+        init_lora_weights=given("lora_init", lo.init_lora_weights),
+        loftq_iters=int(given("loftq_iters", lo.loftq_iters)))
     ev = EvalConfig(tasks=parse_eval_tasks(getattr(a, "eval", None)), limit=given("eval_limit", base.eval.limit),
                     each_epoch=base.eval.each_epoch, target_accuracy=base.eval.target_accuracy)
     val = given("val_size", base.val_size)

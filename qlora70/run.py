@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,14 @@ def default_eval_specs(limit: int | None, tasks: tuple[str, ...] | None = None) 
     specs = [EvalSpec("medqa", "medqa", str(DATA_DIR / "medqa" / "US_4options_test_200.jsonl"), limit),
              EvalSpec("pubmedqa", "pubmedqa", str(DATA_DIR / "pubmedqa"), limit),  # the 200 official-test items
              EvalSpec("usmle", "usmle", str(DATA_DIR / "usmle"), limit)]
-    if tasks is not None:
-        by_name = {s.name: s for s in specs}
-        specs = [by_name[t] for t in tasks]
-    return [s for s in specs if os.path.exists(s.data)]
+    if tasks is None:  # the default set: what this checkout ships
+        return [s for s in specs if os.path.exists(s.data)]
+    by_name = {s.name: s for s in specs}
+    missing = [by_name[t].data for t in tasks if not os.path.exists(by_name[t].data)]
+    if missing:  # asked for by name: never dropped silently
+        raise ValueError(f"--eval {','.join(tasks)}: the evaluation data {missing} is not in this checkout; "
+                         "restore data/ or leave those tasks out of --eval")
+    return [by_name[t] for t in tasks]
 
 
 def evaluate_all(model, tok, specs: list[EvalSpec], seed: int, out_dir: Path | None, stem: str,
@@ -235,7 +239,8 @@ def _stage_trainer(cfg: RunConfig, model: Any, tok: Any, info: Any, train_data: 
 
 def _write_run_config(cfg: RunConfig, train_paths: list[str], specs: list[EvalSpec], dev: str, out: Path) -> None:
     resolved = {"run": cfg.flat(), "train_config": cfg.train.to_dict(), "lora": dict(cfg.lora.__dict__),
-                "template": cfg.template, "train_paths": train_paths, "eval": [s.__dict__ for s in specs],
+                "eval_config": asdict(cfg.eval), "template": cfg.template, "train_paths": train_paths,
+                "eval": [s.__dict__ for s in specs],
                 "device": dev, "torch": torch.__version__, "python": platform.python_version(),
                 "started": datetime.now(timezone.utc).isoformat()}
     atomic_write_json(out / "run_config.json", resolved, default=str)
