@@ -501,7 +501,7 @@ def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qt
             b = mod.base_layer
             bases.add(("nf4-dequantized", b.quant.blocksize, b.quant.double_quant) if isinstance(b, Linear4bit)
                       else ("full-precision", None, None))
-            specs.append((name, (mod.out_features, mod.in_features), functools.partial(_lora_merged, mod)))
+            specs.append((name, (mod.out_features, mod.in_features), mod.merged_weight))
         else:
             shape, produce = _dense(name, mod, kind)
             specs.append((name, shape, produce))
@@ -514,11 +514,6 @@ def export_gguf(model: Llama, path: str | os.PathLike, tokenizer: Any = None, qt
         prov = dataclasses.replace(prov, merge_base=merge_base, nf4_blocksize=blocksize, nf4_double_quant=dq)
     return gguf_io.write_gguf(path, model.config, specs, qtype=qtype, tokenizer_md=tok_md,
                               name=str(model.config.name), progress=progress, pure=pure, provenance=prov)
-
-
-def _lora_merged(mod: nn.Module) -> torch.Tensor:
-    """A LoRALinear's merged weight [out, in] fp32, the formula of lora.merge_lora (LoRA or DoRA)."""
-    return mod.merged_weight()
 
 
 def save_merged(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,

@@ -18,7 +18,6 @@ EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 # = qlora70.gguf_io.GGUF_QTYPES (kept literal so building the parser imports nothing heavy; tests check they agree)
 GGUF_EXPORT_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K_S", "Q4_K_M",
                       "Q5_K_S", "Q5_K_M", "Q4_K", "Q5_K")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CLIError(Exception):
@@ -346,31 +345,39 @@ def cmd_export_gguf(a) -> int:
     _need_path(a.model, "--model")
     if a.from_full_precision and not a.adapter:
         raise CLIError("--from-full-precision chooses the base an adapter is merged onto; it needs --adapter")
+    if a.tokenizer is not None:  # asked for by name: an error, never a file without a vocabulary
+        _need_path(a.tokenizer, "--tokenizer")
+        tok = tokenizer_for(a.model, a.tokenizer)
+    else:
+        tok = None
+        try:
+            tok = tokenizer_for(a.model, None)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
+    prov = _provenance(a)  # hashes the adapter and training files (a bad --training-data fails before the load);
+    # general.name: --name, else export_gguf's default, the model's name
     # the adapter is merged onto the base it was trained against (NF4-dequantized), as `qlora70 merge` does
     m = _load(a, a.adapter, "nf4" if a.adapter and not a.from_full_precision else None, device="cpu")
-    tok = None
-    try:
-        tok = tokenizer_for(a.model, a.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"note: no tokenizer embedded ({e})", file=sys.stderr)
-    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype, pure=a.pure, provenance=_provenance(a, m))
+    export_gguf(m, a.out, tokenizer=tok, qtype=a.qtype, pure=a.pure, provenance=prov)
     merged = "" if not a.adapter else (" (adapter merged onto the " +
                                        ("full-precision" if a.from_full_precision else "NF4-dequantized") + " base)")
     print(f"wrote {a.out} ({a.qtype}){merged}")
     return 0
 
 
-def _provenance(a, model):
+def _provenance(a):
     """gguf_io.Provenance from the export-gguf flags: adapter and training files are hashed (sha256)."""
     import json
 
-    from .gguf_io import Provenance, file_sha256
+    from .gguf_io import Provenance
+    from .io import file_sha256
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     base, sha = os.path.basename(os.path.normpath(a.model)), None
     if a.adapter:
-        weights = os.path.join(a.adapter, "adapter_model.safetensors")
+        weights = os.path.join(a.adapter, ADAPTER_WEIGHTS)
         sha = file_sha256(weights) if os.path.isfile(weights) else None
-        cfg = os.path.join(a.adapter, "adapter_config.json")
+        cfg = os.path.join(a.adapter, ADAPTER_CONFIG)
         if os.path.isfile(cfg):
             with open(cfg, encoding="utf-8") as f:
                 base = json.load(f).get("base_model_name_or_path") or base
@@ -383,7 +390,7 @@ def _provenance(a, model):
     for p in paths:
         _need_path(p, "--training-data")
         data.append((os.path.abspath(p), file_sha256(p)))
-    return Provenance(name=a.name or str(model.config.name), base_model=a.base_model or base, license=a.license,
+    return Provenance(name=a.name, base_model=a.base_model or base, license=a.license,
                       adapter_path=os.path.abspath(a.adapter) if a.adapter else None, adapter_sha256=sha,
                       training_data=tuple(data))
 

@@ -27,9 +27,8 @@ import torch
 from .config import VERSION, LlamaConfig
 from . import gguf_kquants, gguf_quants
 from .gguf_quants import DECODABLE, GGML_TYPES, dequantize, quantize_q8_0  # noqa: F401 (re-exported)
-from .io import atomic_path
+from .io import atomic_path, file_sha256  # noqa: F401 (file_sha256: re-exported)
 
-SUPPORTED_TYPES = DECODABLE
 
 # metadata value types
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -150,9 +149,9 @@ class GGUFFile:
         if self.byteorder != "<":
             raise ValueError(f"{self.path} is a big-endian GGUF file; qlora70 reads tensors of little-endian files "
                              "only (convert it with gguf-py's gguf_convert_endian.py)")
-        if t.type_name not in SUPPORTED_TYPES:
+        if t.type_name not in DECODABLE:
             raise ValueError(f"{self.path}: tensor {name!r} has GGUF type {t.type_name}, which qlora70 does not read "
-                             f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the file with llama-quantize "
+                             f"(supported: {', '.join(DECODABLE)}); re-quantize the file with llama-quantize "
                              "to one of those")
         return dequantize(self.raw(name), t.type_name, t.shape)
 
@@ -268,16 +267,6 @@ class Provenance:
     merge_base: str | None = None  # "nf4-dequantized" | "full-precision"; None: no adapter merged
     nf4_blocksize: int | None = None
     nf4_double_quant: bool | None = None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB pieces."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
 
 
 def array_value(vals: list, sub: int) -> tuple[list, int, int]:

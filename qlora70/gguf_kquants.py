@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .gguf_quants import BLOCK, QK_K, _encode_blocks32, _half_bytes, encode_rows
+from .gguf_quants import BLOCK, _encode_blocks32, encode_rows
 
 _F = np.float32
 

@@ -33,10 +33,9 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
-TYPE_IDS = {v[0]: k for k, v in GGML_TYPES.items()}
 BLOCK = {v[0]: (v[1], v[2]) for v in GGML_TYPES.values()}  # name -> (weights per block, bytes per block)
 DECODABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_CHUNK_BLOCKS = 1 << 16  # blocks decoded per step: bounds the temporaries to a few MB whatever the tensor size
+_CHUNK_WEIGHTS = 1 << 21  # weights (de)coded per step: bounds the temporaries to a few MB whatever the type
 
 
 def row_bytes(type_name: str, cols: int) -> int:
@@ -124,7 +123,7 @@ def _decode_blocks(b: torch.Tensor, t: str) -> torch.Tensor:
 
 def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """GGUF bytes (uint8 [nbytes]) of `type_name` -> fp32 tensor of `shape` (row-major), decoded in chunks of
-    `_CHUNK_BLOCKS` blocks so the temporaries stay small next to the one output tensor."""
+    `_CHUNK_WEIGHTS` weights so the temporaries stay small next to the one output tensor."""
     n = math.prod(shape)
     if type_name == "F32":
         return raw.view(torch.float32).reshape(shape).clone()
@@ -138,8 +137,9 @@ def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> tor
                          f"({n / bs:g} blocks of {bb}), got {raw.numel()}")
     blocks = raw.view(-1, bb)
     out = torch.empty(n // bs, bs, dtype=torch.float32, device=raw.device)
-    for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        out[s:s + _CHUNK_BLOCKS] = _decode_blocks(blocks[s:s + _CHUNK_BLOCKS], type_name)
+    step = max(1, _CHUNK_WEIGHTS // bs)
+    for s in range(0, blocks.shape[0], step):
+        out[s:s + step] = _decode_blocks(blocks[s:s + step], type_name)
     return out.reshape(shape)
 
 
@@ -195,7 +195,7 @@ def _encode_blocks32(x: torch.Tensor, t: str) -> torch.Tensor:
 
 
 def encode_rows(w: torch.Tensor, type_name: str, encode_blocks) -> torch.Tensor:
-    """fp32 [rows, cols] -> uint8 [rows, row_bytes], encoding `_CHUNK_BLOCKS` blocks at a time with
+    """fp32 [rows, cols] -> uint8 [rows, row_bytes], encoding `_CHUNK_WEIGHTS` weights at a time with
     `encode_blocks(blocks (nb, block weights) fp32, type_name) -> (nb, block bytes) uint8`."""
     if w.dim() != 2:
         raise ValueError(f"encode {type_name}: expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -206,8 +206,9 @@ def encode_rows(w: torch.Tensor, type_name: str, encode_blocks) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"encode {type_name}: the weight has NaN/Inf values; fix the model before exporting")
     out = torch.empty(x.shape[0], bb, dtype=torch.uint8, device=x.device)
-    for s in range(0, x.shape[0], _CHUNK_BLOCKS):
-        out[s:s + _CHUNK_BLOCKS] = encode_blocks(x[s:s + _CHUNK_BLOCKS], type_name)
+    step = max(1, _CHUNK_WEIGHTS // bs)
+    for s in range(0, x.shape[0], step):
+        out[s:s + step] = encode_blocks(x[s:s + step], type_name)
     return out.reshape(rows, rb)
 
 

@@ -8,6 +8,7 @@ created as needed. `atomic_dir` does the same for a whole directory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -98,3 +99,12 @@ def parse_size(size: int | float | str, *, unit: int = 1, what: str = "size") ->
         return int(float(m.group(1)) * (1 if b else unit))
     base = 1024 if (binary or not b) else 1000
     return int(float(m.group(1)) * base ** "_KMGT".index(prefix))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces (data fingerprints, GGUF provenance)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

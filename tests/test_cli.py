@@ -109,6 +109,17 @@ def test_bad_input_is_one_line(args, needle, capsys):
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
+def test_export_gguf_bad_tokenizer_or_training_data_fails_before_loading(tiny_model, tmp_path, capsys):
+    """An explicit --tokenizer is never dropped for a file without a vocabulary; flags fail before the model loads."""
+    out = str(tmp_path / "m.gguf")
+    model = str(tiny_model)
+    assert main(["export-gguf", "--model", model, "--tokenizer", "/no/tokenizer.model", "--out", out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/no/tokenizer.model" in err and not os.path.exists(out)
+    assert main(["export-gguf", "--model", model, "--training-data", "/no/train.jsonl", "--out", out]) == 1
+    assert "/no/train.jsonl" in capsys.readouterr().err and not os.path.exists(out)
+
+
 def test_bad_model_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"not a gguf file at all")

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..config import IGNORE_INDEX
-from ..io import atomic_path
+from ..io import atomic_path, file_sha256
 from .entries import DataReport, Entry, clean_entries, expand_paths, read_entries
 from .templates import PromptTemplate, get_template
 
@@ -227,14 +227,6 @@ def tokenize_entries(entries: Sequence[Entry], tokenizer: Any, *, template: str 
 
 _PROBE = ("Hello world! A 45-year-old man with HbA1c 7.2% and eGFR <60 mL/min/1.73 m² — naïve café 東京 🙂\n"
           "  indented\ttab   spaces 12345 1,000.50 \"quoted\" <s></s> [INST] ### Response:")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
