@@ -374,6 +374,8 @@ class DistributedTrainer(Trainer):
     Only rank 0 writes files (metrics, plots, checkpoints, adapters).
     """
 
+    optimizer_cls = ShardedOptimizer
+
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_data: Any, val_data: Any = None, *,
                  lora_config: LoRAConfig | None = None, **kw: Any):
         from torch.distributed.fsdp import FSDPModule
@@ -402,12 +404,6 @@ class DistributedTrainer(Trainer):
 
     def _accum_steps(self) -> int:
         return self.cfg.batch_size // (self.cfg.micro_batch_size * self.world_size)
-
-    def _make_optimizer(self, params: list[torch.Tensor]) -> "ShardedOptimizer":
-        cfg = self.cfg
-        return ShardedOptimizer(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged,
-                                offload=cfg.optim_offload and self.device.type == "cuda")
 
     # ---- data: deal global batches to ranks --------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):

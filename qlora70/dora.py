@@ -36,11 +36,6 @@ def weight_norm(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     return torch.linalg.norm(w.float() + scale * (lora_B.detach().float() @ lora_A.detach().float()), dim=1)
 
 
-def init_magnitude(base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """DoRA's initial magnitude m = ||W + s B A||_row (fp32 [out]), so the fresh adapter leaves W' = W + s B A."""
-    return weight_norm(base_weight(base), lora_A, lora_B, scale)
-
-
 def _base_matmul(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x W^T without the bias, (..., in) -> (..., out); through the NF4 autograd Function when 4-bit (saves no dense
     weight for backward; fused dequant-matmul kernel on CUDA)."""

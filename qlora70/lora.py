@@ -153,8 +153,9 @@ class LoRALinear(nn.Module):
     def reset_magnitude(self) -> None:
         """DoRA: m = ||W + s B A||_row from the current base and A, B (call after changing them, e.g. LoftQ)."""
         if self.use_dora:
-            self.lora_magnitude_vector.copy_(dora.init_magnitude(self.base_layer, self.lora_A.weight,
-                                                                 self.lora_B.weight, self.scale))
+            # the expanded norm (no dense [out, in] temporaries at inject time), which also fills the ||W||^2 cache
+            self.lora_magnitude_vector.copy_(dora.fast_weight_norm(self.base_layer, self._dora_w_sq(),
+                                                                   self.lora_A.weight, self.lora_B.weight, self.scale))
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """base_layer(x), recorded / replayed when running under `keep_base_outputs_context_fn` checkpointing."""
@@ -203,8 +204,7 @@ class LoRALinear(nn.Module):
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight [out, in] in `dtype` (dequantized when 4-bit)."""
-        b = self.base_layer
-        return b.dequantize(dtype) if isinstance(b, Linear4bit) else b.weight.detach().to(dtype)
+        return dora.base_weight(self.base_layer, dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """The adapted weight [out, in] fp32: W + s B A (LoRA) or m * (W + s B A) / ||W + s B A||_row (DoRA)."""

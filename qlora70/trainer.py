@@ -182,11 +182,13 @@ class Trainer:
         """Micro-batches per optimizer step (per process)."""
         return self.cfg.grad_accum_steps
 
+    optimizer_cls: type = PagedAdamW  # DistributedTrainer: ShardedOptimizer (same arguments)
+
     def _make_optimizer(self, params: list[torch.Tensor]) -> Any:
         cfg = self.cfg
-        return PagedAdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                          optim_bits=cfg.optim_bits, paged=cfg.paged,
-                          offload=cfg.optim_offload and self.device.type == "cuda")  # host is host on a CPU
+        return self.optimizer_cls(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits, paged=cfg.paged,
+                                  offload=cfg.optim_offload and self.device.type == "cuda")  # on a CPU: no-op
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def _build_loaders(self, train_data: Any, val_data: Any):
