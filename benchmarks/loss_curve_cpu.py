@@ -25,26 +25,23 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def train(dtype: str, steps: int, data_paths: list[str], preset: dict, model_path: str) -> dict:
+def train(dtype: str, steps: int, data_paths: list[str], preset, model_path: str) -> dict:
+    """The demo preset's training loop (a `qlora70.config.RunConfig`), cut to `steps`, in `dtype`."""
+    import dataclasses
+
     from qlora70.checkpoint import load_model
-    from qlora70.config import LoRAConfig, TrainConfig
     from qlora70.data import build_dataset
     from qlora70.tokenizer import load_tokenizer
     from qlora70.trainer import Trainer
 
     model = load_model(model_path, quantize="nf4", double_quant=True, dtype=torch.float32, progress=False)
     tok = load_tokenizer(model_path)
-    data = build_dataset(data_paths, tok, template=preset["template"], seq_len=preset["seq_len"], progress=False)
-    train_data, _ = data.split(int(preset["val_size"]), seed=0)
+    data = build_dataset(data_paths, tok, template=preset.template, seq_len=preset.train.seq_len, progress=False)
+    train_data, _ = data.split(int(preset.val_size), seed=0)
     with tempfile.TemporaryDirectory(prefix="loss_curve_") as out:
-        tc = TrainConfig(lr=preset["lr"], max_steps=steps, batch_size=preset["batch_size"],
-                         micro_batch_size=preset["micro_batch_size"], seq_len=preset["seq_len"],
-                         warmup_ratio=preset["warmup_ratio"], lr_schedule=preset["lr_schedule"],
-                         max_grad_norm=preset["max_grad_norm"], seed=0, save_every=0, eval_every=0,
-                         gradient_checkpointing=True, optim_bits=32, paged=True, out_dir=out, progress=False,
-                         compute_dtype=dtype)
-        lora = LoRAConfig(r=preset["lora_r"], alpha=preset["lora_alpha"], dropout=preset["lora_dropout"])
-        t = Trainer(model, tc, train_data, None, lora_config=lora, pad_id=tok.pad_id)
+        tc = dataclasses.replace(preset.train, max_steps=steps, seed=0, save_every=0, eval_every=0, out_dir=out,
+                                 progress=False, compute_dtype=dtype)
+        t = Trainer(model, tc, train_data, None, lora_config=preset.lora, pad_id=tok.pad_id)
         t0, c0 = time.perf_counter(), time.process_time()
         t.train(resume=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0

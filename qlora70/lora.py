@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import dora
+from . import dora, ops
 from .config import LoRAConfig
 from .io import atomic_write_json
 from .layers import Linear4bit
@@ -37,52 +37,31 @@ PEFT_PREFIX = "base_model.model."
 _BASE_TYPES = (nn.Linear, Linear4bit)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """y = x * keep * scale; the keep mask is saved as uint8 (1 byte per element) for backward.
-
-    (A bool operand in `torch.mul` takes a slow promotion path on CPU, ~8x slower than uint8 -> float + a float mul.)
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        keep = keep.view(torch.uint8)
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep.to(x.dtype).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return g * keep.to(g.dtype).mul_(ctx.scale), None, None
-
-
 class FastDropout(nn.Module):
-    """Inverted dropout with a cheaper CPU mask (same semantics as nn.Dropout: keep with prob 1 - p, scale 1/(1-p)).
+    """Inverted dropout (nn.Dropout's semantics: keep with probability 1 - p, scale 1 / (1 - p)) that is cheap on CPU.
 
-    torch's CPU dropout draws one Mersenne-Twister number per element (~12 ns/element, more than the LoRA matmuls
-    it feeds). Here one 64-bit draw gives four 16-bit uniforms, compared against round(p * 2^16): p is realized to
-    within 2^-17 (0.1 -> 0.1000061) and the scale uses that exact value, so E[y] = x. It draws from torch's global
-    generator, so seeding and gradient-checkpoint recomputation (which restores the RNG state) reproduce the mask.
-    On CUDA (or with p = 0) it is `F.dropout`.
+    torch's CPU dropout draws one Mersenne-Twister number per element and saves a mask; here (`qlora70.ops.
+    seeded_dropout`) the mask is a hash of one seed drawn from torch's generator and the element index, applied in
+    one fused pass (C loop when built) and recomputed in backward, never stored. p is realized to within 2^-33
+    (threshold round(p * 2^32)) and the scale uses that exact value, so E[y] = x. Seeding and gradient-checkpoint
+    recomputation (which restores the RNG state) reproduce the mask. Under CPU autocast an fp32 input comes out in
+    the autocast dtype (the cast the LoRA A matmul would do, fused). On CUDA (or with p = 0) it is `F.dropout`.
     """
 
     def __init__(self, p: float):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
+        ops.dropout_threshold(p)  # raises ValueError for p outside [0, 1)
         self.p = float(p)
-        self.threshold = int(round(self.p * 65536))  # drop when the 16-bit uniform (0..65535) is below this
-        self.keep_scale = 65536.0 / (65536 - self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, True)
-        n = x.numel()
-        r = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = (r.view(torch.int16)[:n] >= self.threshold - 32768).view(x.shape)  # int16 = uniform - 32768
-        return _MaskedScale.apply(x, keep, self.keep_scale)
+        out = x.dtype
+        if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            out = torch.get_autocast_dtype("cpu")
+        return ops.seeded_dropout(x, self.p, out)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -178,7 +157,11 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight  # (r, in), (out, r)
         h = self.lora_dropout(x)
         if torch.is_autocast_enabled(x.device.type):
-            return y + self.lora_B(self.lora_A(h)).mul(self.scale).to(y.dtype)
+            h = self.lora_A(h)  # (..., r) in the autocast dtype
+            if y.dtype == h.dtype:  # one fused op in the autocast dtype: y + scale * h @ B^T (fp32 accumulation)
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), b.t(),
+                                   alpha=self.scale).view(y.shape)
+            return y + self.lora_B(h).mul(self.scale).to(y.dtype)
         h = self.lora_A(h.to(a.dtype))  # (..., r), fp32 branch outside autocast (the LoRA weights are fp32)
         if y.dtype != b.dtype:
             return y + (self.lora_B(h) * self.scale).to(y.dtype)

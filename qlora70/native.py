@@ -44,7 +44,7 @@ import torch
 from .io import atomic_path, atomic_write_json
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 4
+_ABI = 5
 _OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
@@ -141,6 +141,8 @@ def _lib() -> ctypes.CDLL | None:
     for name in ("conv_f32_to_f16", "conv_f32_to_bf16", "conv_f16_to_f32"):
         getattr(lib, name).argtypes = [p, p, i64]
         getattr(lib, name).restype = None
+    lib.seeded_dropout.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64]
+    lib.seeded_dropout.restype = None
     lib.nf4_advise_hugepages.argtypes = [p, i64]
     lib.nf4_advise_hugepages.restype = ctypes.c_int
     _status = "available"
@@ -275,6 +277,23 @@ def quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor, pad_co
     lib.nf4_quantize(flat.data_ptr(), inv.data_ptr(), mid.data_ptr(), packed.data_ptr(), n, blocksize, pad_code, kind,
                      threads)
     return packed, absmax, 0
+
+
+def seeded_dropout(x: torch.Tensor, seed: int, threshold: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x * (keep ? scale : 0) in `out_dtype`, one pass; keep(i) = hash(seed, i) >= threshold (nf4_cpu.c, the
+    reference is `qlora70.ops.dropout_keep_reference`). x: contiguous CPU f32/bf16/f16; seed: uint64; threshold:
+    uint32 (round(p * 2^32)); the product x * scale is formed in fp32 and rounded once to out_dtype."""
+    lib = _require()
+    if x.dtype not in _IN_KIND or out_dtype not in _IN_KIND:
+        raise TypeError(f"native dropout: dtypes must be float32/bfloat16/float16, got {x.dtype} -> {out_dtype}")
+    _cpu_contig(x, "input")
+    if not (0 <= seed < 2 ** 64 and 0 <= threshold < 2 ** 32):
+        raise ValueError(f"native dropout: seed must be a uint64 and threshold a uint32, got {seed}, {threshold}")
+    y = torch.empty(x.shape, dtype=out_dtype)
+    n = x.numel()
+    lib.seeded_dropout(x.data_ptr(), y.data_ptr(), n, _IN_KIND[x.dtype], _IN_KIND[out_dtype], seed, threshold,
+                       scale, _threads(n))
+    return y
 
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -196,3 +196,79 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None,
     if not x.is_floating_point():
         raise TypeError(f"nf4_linear: input must be floating point, got {x.dtype}")
     return NF4LinearFunction.apply(x, bias, q, get_backend(x.device, backend))
+
+
+# ---- LoRA dropout: a seeded, stored-nothing mask ---------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (c split into 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32, as nf4_cpu.c's mix32 (a bijection of uint32), on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_hash(i: torch.Tensor, seed: int) -> torch.Tensor:
+    """h(i) for int64 element indices i >= 0 (int64 tensor of uint32 values): mix32(mix32(lo32(i) ^ lo32(seed)) +
+    (hi32(seed) ^ hi32(i) * 0x9E3779B9 mod 2^32)) mod 2^32, as nf4_cpu.c's seeded dropout computes it."""
+    key = ((i >> 32) * 0x9E3779B9 & _M32) ^ ((seed >> 32) & _M32)
+    return _mix32((_mix32((i & _M32) ^ (seed & _M32)) + key) & _M32)
+
+
+def dropout_keep_reference(n: int, seed: int, threshold: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The keep mask (bool [n]) of `seeded_dropout`: keep(i) = dropout_hash(i, seed) >= threshold. Pure torch, the
+    reference for the C loop (same bits) and the path without a C compiler."""
+    return dropout_hash(torch.arange(n, dtype=torch.int64, device=device), seed) >= threshold
+
+
+def _apply_keep(x: torch.Tensor, seed: int, threshold: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x * (keep ? scale : 0) in out_dtype (fp32 product, one rounding): the C loop when built, else the reference."""
+    x = x.contiguous()
+    if native.available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+            out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return native.seeded_dropout(x, seed, threshold, scale, out_dtype)
+    keep = dropout_keep_reference(x.numel(), seed, threshold).view(x.shape)
+    m = torch.where(keep, scale, 0.0).to(torch.float32)
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) * m).to(out_dtype)
+
+
+class SeededDropoutFunction(torch.autograd.Function):
+    """y = x * keep * scale with keep a pure function of (seed, element index): backward is the same call on the
+    gradient (dL/dx = dL/dy * keep * scale), so no mask is saved (0 bytes per element instead of 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, seed: int, threshold: int, scale: float, out_dtype: torch.dtype):
+        ctx.args, ctx.x_dtype = (seed, threshold, scale), x.dtype
+        return _apply_keep(x, seed, threshold, scale, out_dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _apply_keep(g, *ctx.args, ctx.x_dtype), None, None, None, None
+
+
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """(threshold, keep scale) of `seeded_dropout` for drop probability p: threshold = round(p * 2^32), so p is
+    realized to within 2^-33, and the scale 2^32 / (2^32 - threshold) makes E[y] = x exactly for that p."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
+    thr = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+    return thr, 2 ** 32 / (2 ** 32 - thr)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, out_dtype: torch.dtype | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inverted dropout on a CPU tensor x (any shape): keep with probability 1 - p, scale 1 / (1 - p), output in
+    `out_dtype` (default x.dtype; under autocast pass the autocast dtype: the cast is fused). One 64-bit seed is
+    drawn from torch's generator per call, so `torch.manual_seed` and gradient checkpointing (which restores the RNG
+    state) reproduce the mask; the mask is never stored: backward recomputes it from the seed."""
+    thr, scale = dropout_threshold(p)
+    seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, generator=generator)) % 2 ** 64
+    return SeededDropoutFunction.apply(x, seed, thr, scale, x.dtype if out_dtype is None else out_dtype)

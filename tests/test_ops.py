@@ -162,3 +162,113 @@ def test_no_autocast_computes_in_the_input_dtype(monkeypatch):
         assert y.dtype == dt and seen[-1] == dt
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp64 is never cast by autocast, nor here
         assert layer(torch.randn(2, 70, dtype=torch.float64)).dtype == torch.float64
+
+
+# ---- seeded LoRA dropout ----------------------------------------------------------------------------------------------
+_M = 0xFFFFFFFF
+GOLDEN_HASH = [3873005110, 590261775, 3977829849, 3990932482]  # _py_hash(i, 12345678901234567), i = 0..3
+
+
+def _py_mix32(x: int) -> int:
+    """lowbias32 in Python integers (independent of the torch/C code under test)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M
+    return x ^ (x >> 16)
+
+
+def _py_hash(i: int, seed: int) -> int:
+    return _py_mix32((_py_mix32((i & _M) ^ (seed & _M)) + (((i >> 32) * 0x9E3779B9 & _M) ^ (seed >> 32))) & _M)
+
+
+SEEDS = [0, 1, 12345678901234567, 2 ** 63 + 99, 2 ** 64 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dropout_hash_matches_python_integers(seed):
+    from qlora70.ops import dropout_hash
+
+    idx = [0, 1, 2, 3, 1000, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1, 2 ** 33 + 5, 2 ** 40 + 7]
+    got = dropout_hash(torch.tensor(idx, dtype=torch.int64), seed).tolist()
+    assert got == [_py_hash(i, seed) for i in idx]
+
+
+def test_dropout_hash_golden():
+    """Pinned: a change of the hash changes every mask of every run (resumed runs would train differently)."""
+    from qlora70.ops import dropout_hash
+
+    assert dropout_hash(torch.arange(4), 12345678901234567).tolist() == [_py_hash(i, 12345678901234567)
+                                                                        for i in range(4)]
+    assert [_py_hash(i, 12345678901234567) for i in range(4)] == GOLDEN_HASH
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the reference path is the only one")
+@pytest.mark.parametrize("n", [1, 3, 65535, 65537, 200003])
+@pytest.mark.parametrize("seed", SEEDS[1:4])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.float32, torch.float16)])
+def test_native_dropout_bit_identical_to_reference(n, seed, dtypes, monkeypatch):
+    """The C loop (threads split at 2^16-element boundaries) and the pure-torch reference give the same bits."""
+    from qlora70 import ops
+
+    din, dout = dtypes
+    thr, scale = ops.dropout_threshold(0.37)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(din)
+    x[::97] = float("inf")  # a dropped inf is NaN (inf * 0), as in torch's x * mask * scale
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    fast = ops._apply_keep(x, seed, thr, scale, dout)
+    monkeypatch.setattr(native, "available", lambda: False)
+    ref = ops._apply_keep(x, seed, thr, scale, dout)
+    assert fast.dtype == ref.dtype == dout
+    nan = fast.isnan()
+    assert torch.equal(nan, ref.isnan())
+    bits = {2: torch.int16, 4: torch.int32}[dout.itemsize]  # NaN payload/sign bits may differ: compared above
+    assert torch.equal(fast[~nan].view(bits), ref[~nan].view(bits))
+    keep = ops.dropout_keep_reference(n, seed, thr)
+    expect = torch.where(keep, x.float() * scale, x.float() * 0.0).to(dout)  # fp32 product, one rounding
+    torch.testing.assert_close(ref, expect, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_seeded_dropout_statistics(p):
+    """Keep rate 1 - p, E[y] = x, masks of successive calls and of neighbouring elements independent."""
+    from qlora70 import ops
+
+    n = 400_000
+    torch.manual_seed(0)
+    x = torch.ones(n)
+    y1, y2 = ops.seeded_dropout(x, p), ops.seeded_dropout(x, p)
+    k1, k2 = (y1 != 0).float(), (y2 != 0).float()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(k1.mean().item() - (1 - p)) < 5 * sd
+    assert abs(y1.double().mean().item() - 1.0) < 5 * sd / (1 - p)
+    assert abs((k1 * k2).mean().item() - (1 - p) ** 2) < 5 * sd, "two calls must draw independent masks"
+    for lag in (1, 2, 4, 16):  # neighbouring (and same-64-bit-word) elements uncorrelated
+        c = ((k1[:-lag] - k1.mean()) * (k1[lag:] - k1.mean())).mean().item() / (p * (1 - p))
+        assert abs(c) < 0.01, (lag, c)
+    thr, scale = ops.dropout_threshold(p)
+    assert y1[y1 != 0].unique().tolist() == [pytest.approx(scale, rel=1e-7)]
+    assert abs(thr / 2 ** 32 - p) <= 2 ** -33 and scale == 2 ** 32 / (2 ** 32 - thr)
+
+
+def test_seeded_dropout_backward_recomputes_the_mask():
+    from qlora70 import ops
+
+    x = torch.randn(7, 33, 5, requires_grad=True)
+    g = torch.randn(7, 33, 5)
+    torch.manual_seed(3)
+    y = ops.seeded_dropout(x, 0.25)
+    y.backward(g)
+    keep, scale = y.detach() != 0, ops.dropout_threshold(0.25)[1]
+    torch.testing.assert_close(x.grad, torch.where(keep, g * scale, 0.0), rtol=1e-6, atol=0)
+    torch.manual_seed(3)
+    assert torch.equal(ops.seeded_dropout(x.detach(), 0.25), y.detach()), "seeded: the same mask again"
+    xt = torch.randn(33, 7).t()  # non-contiguous input: the mask follows the logical (row-major) order
+    torch.manual_seed(4)
+    yt = ops.seeded_dropout(xt, 0.25)
+    torch.manual_seed(4)
+    assert torch.equal(yt, ops.seeded_dropout(xt.contiguous(), 0.25))
+    with pytest.raises(ValueError, match="dropout p"):
+        ops.seeded_dropout(x, 1.0)

@@ -257,9 +257,40 @@ DEFINE_QUANT(nf4_quant_f32, float, ID_F32)
 DEFINE_QUANT(nf4_quant_bf16, uint16_t, LOAD_BF16)
 DEFINE_QUANT(nf4_quant_f16, uint16_t, LOAD_F16)
 
+/* ---- seeded dropout: y[i] = x[i] * (keep(i) ? scale : 0), one pass, any of f32/bf16/f16 in and out. keep(i) is a
+ * pure function of (seed, i): h(i) = mix32(mix32(lo32(i) ^ lo32(seed)) + (hi32(seed) ^ hi32(i) * 0x9E3779B9)),
+ * keep iff h(i) >= thr (thr = round(p * 2^32)), mix32 being the "lowbias32" integer hash (a bijection of uint32).
+ * So forward, checkpoint recomputation and backward (the same call on the gradient) regenerate the mask from the
+ * seed alone: nothing is stored. qlora70/ops.py has the same hash in torch integer ops (the reference). */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+
+#define STORE_F32(v) (v)
+#define STORE_BF16(v) f32_to_bf16(v)
+#define STORE_F16(v) f32_to_f16(v)
+#define DEFINE_DROP(NAME, TI, LOAD, TO, STORE)                                                                       \
+    static void NAME(const TI *x, TO *y, int64_t i0, int64_t i1, uint64_t seed, uint32_t thr, float scale) {        \
+        const uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);                                             \
+        for (int64_t i = i0; i < i1; ++i) {                                                                          \
+            const uint32_t h = mix32(mix32((uint32_t)i ^ s0) + (s1 ^ ((uint32_t)((uint64_t)i >> 32) * 0x9E3779B9u))); \
+            y[i] = STORE(LOAD(x[i]) * (h >= thr ? scale : 0.0f));                                                    \
+        }                                                                                                            \
+    }
+DEFINE_DROP(drop_f32_f32, float, ID_F32, float, STORE_F32)
+DEFINE_DROP(drop_f32_bf16, float, ID_F32, uint16_t, STORE_BF16)
+DEFINE_DROP(drop_f32_f16, float, ID_F32, uint16_t, STORE_F16)
+DEFINE_DROP(drop_bf16_f32, uint16_t, LOAD_BF16, float, STORE_F32)
+DEFINE_DROP(drop_bf16_bf16, uint16_t, LOAD_BF16, uint16_t, STORE_BF16)
+DEFINE_DROP(drop_bf16_f16, uint16_t, LOAD_BF16, uint16_t, STORE_F16)
+DEFINE_DROP(drop_f16_f32, uint16_t, LOAD_F16, float, STORE_F32)
+DEFINE_DROP(drop_f16_bf16, uint16_t, LOAD_F16, uint16_t, STORE_BF16)
+DEFINE_DROP(drop_f16_f16, uint16_t, LOAD_F16, uint16_t, STORE_F16)
+
 /* ---- threads: each entry point below splits [0, n_blocks) into `nthreads` contiguous ranges, runs the first
  * nthreads - 1 on new pthreads and the last on the calling thread (which ctypes has released from the GIL). -------- */
-enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16 };
+enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16, K_DROP };
 typedef struct {
     int kind;
     const void *x;          /* packed bytes (dequant) or the input weight (absmax, quant) */
@@ -267,7 +298,27 @@ typedef struct {
     const float *f0, *f1;   /* dequant: code; quant: inv, mid */
     void *out;              /* dequant: output; absmax: absmax; quant: packed */
     int64_t n, bs, pad, b0, b1, bad;
+    uint64_t seed;          /* dropout: the seed, threshold and keep scale; pad = in_kind * 3 + out_kind */
+    uint32_t thr;
+    float scale;
 } job_t;
+
+static void run_drop(const job_t *j) {
+    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    const void *x = j->x;
+    void *y = j->out;
+    switch (j->pad) {
+    case 0: drop_f32_f32(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 1: drop_f32_bf16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 2: drop_f32_f16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 3: drop_bf16_f32(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 4: drop_bf16_bf16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 5: drop_bf16_f16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 6: drop_f16_f32(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 7: drop_f16_bf16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    case 8: drop_f16_f16(x, y, i0, i1, j->seed, j->thr, j->scale); break;
+    }
+}
 
 static void run_job(job_t *j) {
     switch (j->kind) {
@@ -281,6 +332,7 @@ static void run_job(job_t *j) {
     case K_Q_F32: nf4_quant_f32(j->x, j->f0, j->f1, j->out, j->n, j->bs, j->pad, j->b0, j->b1); break;
     case K_Q_BF16: nf4_quant_bf16(j->x, j->f0, j->f1, j->out, j->n, j->bs, j->pad, j->b0, j->b1); break;
     case K_Q_F16: nf4_quant_f16(j->x, j->f0, j->f1, j->out, j->n, j->bs, j->pad, j->b0, j->b1); break;
+    case K_DROP: run_drop(j); break;
     }
 }
 
@@ -338,6 +390,15 @@ void nf4_quantize(const void *x, const float *inv, const float *mid, uint8_t *pa
     run_parallel(j, (n + bs - 1) / bs, nthreads);
 }
 
+/* y = x * (keep(i) ? scale : 0) for n elements; kinds 0 f32, 1 bf16, 2 f16 (the dropout loops above). */
+void seeded_dropout(const void *x, void *y, int64_t n, int64_t in_kind, int64_t out_kind, uint64_t seed, uint32_t thr,
+                    float scale, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_DROP; j.x = x; j.out = y; j.n = n; j.bs = 1 << 16; j.pad = in_kind * 3 + out_kind;
+    j.seed = seed; j.thr = thr; j.scale = scale;
+    run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
+}
+
 /* Ask Linux to back the 2 MiB-aligned interior of a fresh output buffer with transparent huge pages (where THP is in
  * "madvise" or "always" mode): first-touch page faults drop 512-fold, which is most of the cost of writing a freshly
  * allocated 32 MiB tensor. Returns madvise's result, or -1 where not supported; harmless either way. */
@@ -357,4 +418,4 @@ int nf4_advise_hugepages(void *p, int64_t nbytes) {
 void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
 void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
-int nf4_abi_version(void) { return 4; }
+int nf4_abi_version(void) { return 5; }
