@@ -449,3 +449,33 @@ def test_keep_base_outputs_checkpointing_matches_and_skips_base_recompute(four_b
         torch.testing.assert_close(gx, gx0, rtol=1e-5, atol=1e-6)
         for a, b in zip(g, g0):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_autocast_sum_keeps_the_small_lora_delta(four_bit):
+    """Under bf16 autocast the output is fp32: base and LoRA matmuls in bf16, their sum in fp32. The learned delta
+    (here ~1e-3 of the base output) keeps its bf16 precision (~2^-8 relative) instead of being rounded with the base
+    output's step, which would lose most of it; gradients come back in the input's dtype."""
+    torch.manual_seed(0)
+    base = nn.Linear(96, 72, bias=False)
+    with torch.no_grad():
+        base.weight.mul_(20.0)
+    if four_bit:
+        base = Linear4bit.from_linear(base)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0.0, 1e-4)
+    x = torch.randn(5, 11, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_base = layer.base_layer(x)
+    assert y.dtype == torch.float32 and y_base.dtype == torch.bfloat16
+    delta_ref = (x.detach().double() @ layer.lora_A.weight.double().t() @ layer.lora_B.weight.double().t()) * layer.scale
+    got = y.detach().double() - y_base.detach().double()
+    assert (delta_ref.abs() / y_base.detach().double().abs().clamp(min=1e-30)).median() < 3e-3  # a small delta
+    rel = ((got - delta_ref).norm() / delta_ref.norm()).item()
+    assert rel < 0.02, rel  # bf16-rounded sum: ~0.3 here (delta ~1 ulp of the base output)
+    rounded = (y_base.double() + delta_ref).to(torch.bfloat16).double() - y_base.double()
+    assert ((rounded - delta_ref).norm() / delta_ref.norm()).item() > 10 * rel  # what the fp32 sum avoids
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
