@@ -162,7 +162,7 @@ class LoRALinear(nn.Module):
             # good part of each update from the forward; the demo's bf16 loss curve then lags fp32 by up to 2.2%
             # (within 0.3% with the fp32 sum; benchmarks/RESULTS.md). Backward casts the gradients back to bf16.
             d = self.lora_B(self.lora_A(h))  # (..., out) in the autocast dtype
-            return y.float().add_(d, alpha=self.scale)
+            return ops.lora_sum(y, d, self.scale)
         h = self.lora_A(h.to(a.dtype))  # (..., r), fp32 branch outside autocast (the LoRA weights are fp32)
         if y.dtype != b.dtype:
             return y + (self.lora_B(h) * self.scale).to(y.dtype)

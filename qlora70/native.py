@@ -44,7 +44,7 @@ import torch
 from .io import atomic_path, atomic_write_json
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 5
+_ABI = 6
 _OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
@@ -84,7 +84,10 @@ def _cpu_id() -> str:
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
     portable = ["-O3", "-ffp-contract=off"]  # the compiler's baseline target: the scalar loops
-    attempts = [portable] if os.environ.get("QLORA70_NATIVE_PORTABLE") == "1" else [portable[:1] + ["-march=native"]
+    native = ["-march=native"]
+    if platform.machine().lower() in ("x86_64", "amd64"):  # 512-bit vectors where the CPU has them (the dropout
+        native.append("-mprefer-vector-width=512")           # hash loop: 1.5x); no effect on AVX2-only CPUs
+    attempts = [portable] if os.environ.get("QLORA70_NATIVE_PORTABLE") == "1" else [portable[:1] + native
                                                                                      + portable[1:], portable]
     key = hashlib.sha256(src + cc.encode() + _cpu_id().encode() + repr(attempts).encode()).hexdigest()[:16]
     out = _cache_dir() / f"nf4_cpu_{key}{'.dll' if sys.platform == 'win32' else '.so'}"
@@ -143,6 +146,10 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.seeded_dropout.argtypes = [p, p, i64, i64, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i64]
     lib.seeded_dropout.restype = None
+    lib.lora_sum.argtypes = [p, p, p, i64, i64, ctypes.c_float, i64]
+    lib.lora_sum.restype = None
+    lib.lora_sum_backward.argtypes = [p, p, p, i64, i64, ctypes.c_float, i64]
+    lib.lora_sum_backward.restype = None
     lib.nf4_advise_hugepages.argtypes = [p, i64]
     lib.nf4_advise_hugepages.restype = ctypes.c_int
     _status = "available"
@@ -294,6 +301,33 @@ def seeded_dropout(x: torch.Tensor, seed: int, threshold: int, scale: float, out
     lib.seeded_dropout(x.data_ptr(), y.data_ptr(), n, _IN_KIND[x.dtype], _IN_KIND[out_dtype], seed, threshold,
                        scale, _threads(n))
     return y
+
+
+def lora_sum(y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 y + scale * d (y, d contiguous CPU tensors of one shape and one dtype f32/bf16/f16), one pass; the
+    product and the sum each rounded to fp32, as `y.float() + d.float() * scale`."""
+    lib = _require()
+    if y.dtype not in _IN_KIND or d.dtype != y.dtype or d.shape != y.shape:
+        raise ValueError(f"native lora_sum: y and d must share a shape and a float32/bfloat16/float16 dtype, got "
+                         f"{y.dtype} {tuple(y.shape)} and {d.dtype} {tuple(d.shape)}")
+    _cpu_contig(y, "y")
+    _cpu_contig(d, "d")
+    out = torch.empty(y.shape, dtype=torch.float32)
+    lib.lora_sum(y.data_ptr(), d.data_ptr(), out.data_ptr(), y.numel(), _IN_KIND[y.dtype], scale, _threads(y.numel()))
+    return out
+
+
+def lora_sum_backward(g: torch.Tensor, dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, g * scale) rounded to `dtype`, from a contiguous fp32 CPU gradient g, one pass."""
+    lib = _require()
+    if g.dtype != torch.float32 or dtype not in _IN_KIND:
+        raise ValueError(f"native lora_sum_backward: g must be float32 and dtype float32/bfloat16/float16, got "
+                         f"{g.dtype} -> {dtype}")
+    _cpu_contig(g, "g")
+    gy, gd = torch.empty(g.shape, dtype=dtype), torch.empty(g.shape, dtype=dtype)
+    lib.lora_sum_backward(g.data_ptr(), gy.data_ptr(), gd.data_ptr(), g.numel(), _IN_KIND[dtype], scale,
+                          _threads(g.numel()))
+    return gy, gd
 
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

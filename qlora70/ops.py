@@ -231,7 +231,7 @@ def dropout_keep_reference(n: int, seed: int, threshold: int, device: torch.devi
 
 def _apply_keep(x: torch.Tensor, seed: int, threshold: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """x * (keep ? scale : 0) in out_dtype (fp32 product, one rounding): the C loop when built, else the reference."""
-    x = x.contiguous()
+    x, seed = x.contiguous(), seed % 2 ** 64  # the Function carries it signed (int64: the profiler records it)
     if native.available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
             out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         return native.seeded_dropout(x, seed, threshold, scale, out_dtype)
@@ -270,5 +270,33 @@ def seeded_dropout(x: torch.Tensor, p: float, out_dtype: torch.dtype | None = No
     drawn from torch's generator per call, so `torch.manual_seed` and gradient checkpointing (which restores the RNG
     state) reproduce the mask; the mask is never stored: backward recomputes it from the seed."""
     thr, scale = dropout_threshold(p)
-    seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, generator=generator)) % 2 ** 64
+    seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), dtype=torch.int64, generator=generator))
     return SeededDropoutFunction.apply(x, seed, thr, scale, x.dtype if out_dtype is None else out_dtype)
+
+
+# ---- LoRA sum under autocast: base + scale * delta, formed in fp32 --------------------------------------------------
+class LoRASumFunction(torch.autograd.Function):
+    """out = y + scale * d in fp32 from y, d in the autocast dtype (one fused C pass on the CPU). Backward:
+    dL/dy = g and dL/dd = scale * g, each rounded to that dtype (what `y.float() + d.float() * scale` gives)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.dtype = scale, y.dtype
+        return native.lora_sum(y.contiguous(), d.contiguous(), scale)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        gy, gd = native.lora_sum_backward(g.contiguous().float(), ctx.dtype, ctx.scale)
+        return gy, gd, None
+
+
+def lora_sum(y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 y + scale * d for the base output y and the LoRA delta d (same shape and dtype). Rounding the sum to
+    bf16 would quantize the small learned delta with the step of the large base output, so the sum stays fp32.
+    CPU with the C library: one fused pass each way; elsewhere the same arithmetic in torch ops."""
+    if y.shape != d.shape or y.dtype != d.dtype:
+        raise ValueError(f"lora_sum: y and d must share shape and dtype, got {y.dtype} {tuple(y.shape)} and "
+                         f"{d.dtype} {tuple(d.shape)}")
+    if y.device.type == "cpu" and y.dtype in (torch.bfloat16, torch.float16, torch.float32) and native.available():
+        return LoRASumFunction.apply(y, d, float(scale))
+    return y.float() + d.float() * scale

@@ -105,3 +105,40 @@ def test_bad_input(kw, err):
     args.update(kw)
     with pytest.raises(err):
         chunked_cross_entropy(**args)
+
+
+def test_frozen_head_cast_is_reused_and_refreshed():
+    """Under CPU autocast the bf16 cast of a frozen head is made once, and again after the weight changes in place
+    or is replaced; the loss always matches the current weight."""
+    import qlora70.losses as L
+
+    h, w, y = make(V=97)
+    w = w.detach()
+    casts = []
+    real = L._head_weight
+
+    def spy(weight, dtype):
+        out = real(weight, dtype)
+        casts.append(out.data_ptr())
+        return out
+
+    L._HEAD_CAST.clear()
+    L._head_weight = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s1, _ = chunked_cross_entropy(h, w, y)
+            s2, _ = chunked_cross_entropy(h, w, y)
+            assert casts[0] == casts[1] and torch.equal(s1, s2)
+            with torch.no_grad():
+                w.mul_(2.0)  # bumps the version: the old cast is stale
+            s3, _ = chunked_cross_entropy(h, w, y)
+            w2 = w.clone()
+            s4, _ = chunked_cross_entropy(h, w2, y)
+            s5, _ = chunked_cross_entropy(h, w.requires_grad_(), y)  # trainable: never cached
+        ref3, _ = reference(h.detach(), w.detach().bfloat16().float(), y)
+        torch.testing.assert_close(s3, ref3, rtol=2e-2, atol=0)
+        assert not torch.equal(s3, s1) and torch.equal(s3, s4) and torch.equal(s3, s5)
+        assert len(set(casts[2:4])) == 2 and L._HEAD_CAST["w"][0]() is w2
+    finally:
+        L._head_weight = real
+        L._HEAD_CAST.clear()

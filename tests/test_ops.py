@@ -272,3 +272,39 @@ def test_seeded_dropout_backward_recomputes_the_mask():
     assert torch.equal(yt, ops.seeded_dropout(xt.contiguous(), 0.25))
     with pytest.raises(ValueError, match="dropout p"):
         ops.seeded_dropout(x, 1.0)
+
+
+def test_seeded_dropout_under_profiler_with_shapes():
+    """torch.profiler(record_shapes=True) records a Function's scalar arguments as int64: the seed must fit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora70 import ops
+
+    x = torch.randn(64, 9, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True):
+        for s in range(20):  # seeds of both signs
+            torch.manual_seed(s)
+            ops.seeded_dropout(x, 0.1).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 65537)])
+def test_lora_sum_matches_torch_arithmetic(dtype, shape, monkeypatch):
+    """fp32 y + s*d and its gradients: the fused path (C loop where built) equals the torch formula bit for bit."""
+    g0 = torch.Generator().manual_seed(sum(shape))
+    y0, d0 = torch.randn(shape, generator=g0).mul(30).to(dtype), torch.randn(shape, generator=g0).to(dtype)
+    gout = torch.randn(shape, generator=g0)
+    res = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(native, "available", lambda: False)
+        y, d = y0.clone().requires_grad_(), d0.clone().requires_grad_()
+        out = ops.lora_sum(y, d, 0.37)
+        out.backward(gout)
+        res.append((out.detach(), y.grad, d.grad))
+    for a, b in zip(*res):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert res[0][0].dtype == torch.float32 and res[0][1].dtype == res[0][2].dtype == dtype
+    torch.testing.assert_close(res[0][0].double(), y0.double() + 0.37 * d0.double(), rtol=2e-7, atol=1e-6)
+    with pytest.raises(ValueError, match="share shape and dtype"):
+        ops.lora_sum(y0, d0.float() if dtype != torch.float32 else d0.half(), 0.5)

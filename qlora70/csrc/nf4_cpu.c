@@ -288,9 +288,26 @@ DEFINE_DROP(drop_f16_f32, uint16_t, LOAD_F16, float, STORE_F32)
 DEFINE_DROP(drop_f16_bf16, uint16_t, LOAD_F16, uint16_t, STORE_BF16)
 DEFINE_DROP(drop_f16_f16, uint16_t, LOAD_F16, uint16_t, STORE_F16)
 
+/* ---- LoRA sum: out = y + scale * d in fp32 (two roundings, as torch's y.float() + d.float() * scale), and its
+ * backward: gy = g, gd = g * scale, both rounded to y's and d's dtype. y, d (and gy, gd) share one dtype kind. */
+#define DEFINE_ADD(NAME, T, LOAD)                                                                                    \
+    static void NAME(const T *y, const T *d, float *out, int64_t i0, int64_t i1, float scale) {                     \
+        for (int64_t i = i0; i < i1; ++i) out[i] = LOAD(y[i]) + LOAD(d[i]) * scale;                                 \
+    }
+#define DEFINE_ADDGRAD(NAME, T, STORE)                                                                               \
+    static void NAME(const float *g, T *gy, T *gd, int64_t i0, int64_t i1, float scale) {                           \
+        for (int64_t i = i0; i < i1; ++i) { gy[i] = STORE(g[i]); gd[i] = STORE(g[i] * scale); }                    \
+    }
+DEFINE_ADD(add_f32, float, ID_F32)
+DEFINE_ADD(add_bf16, uint16_t, LOAD_BF16)
+DEFINE_ADD(add_f16, uint16_t, LOAD_F16)
+DEFINE_ADDGRAD(addgrad_f32, float, STORE_F32)
+DEFINE_ADDGRAD(addgrad_bf16, uint16_t, STORE_BF16)
+DEFINE_ADDGRAD(addgrad_f16, uint16_t, STORE_F16)
+
 /* ---- threads: each entry point below splits [0, n_blocks) into `nthreads` contiguous ranges, runs the first
  * nthreads - 1 on new pthreads and the last on the calling thread (which ctypes has released from the GIL). -------- */
-enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16, K_DROP };
+enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16, K_DROP, K_ADD, K_ADDG };
 typedef struct {
     int kind;
     const void *x;          /* packed bytes (dequant) or the input weight (absmax, quant) */
@@ -301,7 +318,22 @@ typedef struct {
     uint64_t seed;          /* dropout: the seed, threshold and keep scale; pad = in_kind * 3 + out_kind */
     uint32_t thr;
     float scale;
+    const void *x2;         /* LoRA sum: d; its backward: gd (out2) */
+    void *out2;
 } job_t;
+
+static void run_add(const job_t *j) {
+    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    if (j->kind == K_ADD) {
+        if (j->pad == 0) add_f32(j->x, j->x2, j->out, i0, i1, j->scale);
+        else if (j->pad == 1) add_bf16(j->x, j->x2, j->out, i0, i1, j->scale);
+        else add_f16(j->x, j->x2, j->out, i0, i1, j->scale);
+    } else {
+        if (j->pad == 0) addgrad_f32(j->x, j->out, j->out2, i0, i1, j->scale);
+        else if (j->pad == 1) addgrad_bf16(j->x, j->out, j->out2, i0, i1, j->scale);
+        else addgrad_f16(j->x, j->out, j->out2, i0, i1, j->scale);
+    }
+}
 
 static void run_drop(const job_t *j) {
     const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
@@ -333,6 +365,7 @@ static void run_job(job_t *j) {
     case K_Q_BF16: nf4_quant_bf16(j->x, j->f0, j->f1, j->out, j->n, j->bs, j->pad, j->b0, j->b1); break;
     case K_Q_F16: nf4_quant_f16(j->x, j->f0, j->f1, j->out, j->n, j->bs, j->pad, j->b0, j->b1); break;
     case K_DROP: run_drop(j); break;
+    case K_ADD: case K_ADDG: run_add(j); break;
     }
 }
 
@@ -399,6 +432,20 @@ void seeded_dropout(const void *x, void *y, int64_t n, int64_t in_kind, int64_t 
     run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
 }
 
+/* out (fp32) = y + scale * d; kind 0 f32, 1 bf16, 2 f16 for y and d. */
+void lora_sum(const void *y, const void *d, float *out, int64_t n, int64_t kind, float scale, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_ADD; j.x = y; j.x2 = d; j.out = out; j.n = n; j.bs = 1 << 16; j.pad = kind; j.scale = scale;
+    run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
+}
+
+/* gy = g, gd = g * scale (g fp32; gy, gd of `kind`). */
+void lora_sum_backward(const float *g, void *gy, void *gd, int64_t n, int64_t kind, float scale, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_ADDG; j.x = g; j.out = gy; j.out2 = gd; j.n = n; j.bs = 1 << 16; j.pad = kind; j.scale = scale;
+    run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
+}
+
 /* Ask Linux to back the 2 MiB-aligned interior of a fresh output buffer with transparent huge pages (where THP is in
  * "madvise" or "always" mode): first-touch page faults drop 512-fold, which is most of the cost of writing a freshly
  * allocated 32 MiB tensor. Returns madvise's result, or -1 where not supported; harmless either way. */
@@ -418,4 +465,4 @@ int nf4_advise_hugepages(void *p, int64_t nbytes) {
 void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
 void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
-int nf4_abi_version(void) { return 5; }
+int nf4_abi_version(void) { return 6; }
