@@ -1,8 +1,9 @@
 """Chunked cross-entropy through the LM head, without the (B, T, V) fp32 logits.
 
 Only the positions that carry a label (label != ignore_index) go through the head, in chunks of `chunk_size` rows.
-Each chunk's logits (chunk, V) are computed in fp32, reduced to the loss, and turned right away into the gradient with
-respect to the hidden rows, (softmax - onehot) @ W, which is all backward needs: the loss is a sum, so backward only
+Each chunk's logits (chunk, V) are computed in the compute dtype, reduced in fp32 to the loss and turned in place into
+d loss / d logits (`qlora70.ops.cross_entropy_rows_`: on the CPU one cache-resident C pass per row, no fp32 copy), and
+right away into the gradient with respect to the hidden rows, (softmax - onehot) @ W, which is all backward needs: the loss is a sum, so backward only
 scales that saved (N, D) gradient by the incoming scalar. So no logits are kept between forward and backward and
 nothing is recomputed (Liger-kernel style "gradient in forward"); the head matmul costs the same 2 passes as plain CE.
 """
@@ -13,6 +14,7 @@ import weakref
 import torch
 
 from .config import IGNORE_INDEX
+from .ops import cross_entropy_rows_
 
 _HEAD_CAST: dict = {}  # one entry: the last frozen CPU head weight's cast (weakref, version, dtype, tensor)
 
@@ -46,16 +48,9 @@ class ChunkedCrossEntropyFunction(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None  # (V, D)
         for s in range(0, n, chunk_size):
             hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]  # (n, D), (n,)
-            logits = (hc @ w.t()).float()  # (n, V)
-            target = logits.gather(1, yc[:, None]).squeeze(1)  # (n,)
-            mx = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            e = logits.sub_(mx).exp_()  # exp(logits - max), in place: one (n, V) buffer per chunk
-            total = e.sum(dim=-1)  # (n,)
-            loss += (total.log() + mx.squeeze(1) - target).sum()  # logsumexp - target logit
+            p = hc @ w.t()  # (n, V) logits in the compute dtype, reduced in fp32; then d loss / d logits in place
+            loss += cross_entropy_rows_(p, yc, grad=need_dh or need_dw)
             if need_dh or need_dw:
-                p = e.div_(total[:, None])  # softmax
-                p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0  # d loss / d logits
-                p = p.to(h.dtype)
                 if need_dh:
                     dh[s:s + chunk_size] = p @ w  # (n, D)
                 if need_dw:

@@ -44,7 +44,7 @@ import torch
 from .io import atomic_path, atomic_write_json
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 6
+_ABI = 7
 _OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
@@ -84,7 +84,7 @@ def _cpu_id() -> str:
 def _build(cc: str) -> Path:
     src = _SRC.read_bytes()
     portable = ["-O3", "-ffp-contract=off"]  # the compiler's baseline target: the scalar loops
-    native = ["-march=native"]
+    native = ["-march=native", "-fopenmp-simd"]  # `omp simd` reductions (no OpenMP runtime is linked)
     if platform.machine().lower() in ("x86_64", "amd64"):  # 512-bit vectors where the CPU has them (the dropout
         native.append("-mprefer-vector-width=512")           # hash loop: 1.5x); no effect on AVX2-only CPUs
     attempts = [portable] if os.environ.get("QLORA70_NATIVE_PORTABLE") == "1" else [portable[:1] + native
@@ -150,6 +150,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.lora_sum.restype = None
     lib.lora_sum_backward.argtypes = [p, p, p, i64, i64, ctypes.c_float, i64]
     lib.lora_sum_backward.restype = None
+    lib.ce_rows.argtypes = [p, p, p, i64, i64, i64, i64, i64]
+    lib.ce_rows.restype = i64
     lib.nf4_advise_hugepages.argtypes = [p, i64]
     lib.nf4_advise_hugepages.restype = ctypes.c_int
     _status = "available"
@@ -328,6 +330,26 @@ def lora_sum_backward(g: torch.Tensor, dtype: torch.dtype, scale: float) -> tupl
     lib.lora_sum_backward(g.data_ptr(), gy.data_ptr(), gd.data_ptr(), g.numel(), _IN_KIND[dtype], scale,
                           _threads(g.numel()))
     return gy, gd
+
+
+def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Per-row cross-entropy (fp32 [n]) of logits (n, V) (contiguous CPU f32/bf16/f16) against y (int64 [n]); with
+    `grad` the logits are overwritten in place by softmax - onehot(y) (nf4_cpu.c: one row at a time in cache)."""
+    lib = _require()
+    if logits.dtype not in _IN_KIND or logits.dim() != 2:
+        raise ValueError(f"native cross_entropy: logits must be 2-D float32/bfloat16/float16, got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    _cpu_contig(logits, "logits")
+    y = y.to(torch.int64).contiguous()
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"native cross_entropy: y must be [{logits.shape[0]}], got {tuple(y.shape)}")
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32)
+    bad = lib.ce_rows(logits.data_ptr(), y.data_ptr(), loss.data_ptr(), n, v, _IN_KIND[logits.dtype], int(grad),
+                      _threads(n * v))
+    if bad:
+        raise MemoryError(f"native cross_entropy: could not allocate a row buffer of {v} floats")
+    return loss
 
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

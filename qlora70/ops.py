@@ -300,3 +300,26 @@ def lora_sum(y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
     if y.device.type == "cpu" and y.dtype in (torch.bfloat16, torch.float16, torch.float32) and native.available():
         return LoRASumFunction.apply(y, d, float(scale))
     return y.float() + d.float() * scale
+
+
+# ---- cross-entropy of a chunk of logits -------------------------------------------------------------------------------
+def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Sum over rows of CE(logits (n, V), y (n,)) as an fp32 scalar, reduced in fp32 from the logits' values. The
+    logits are consumed: with `grad` they are overwritten by d loss / d logits = softmax - onehot(y) (in their own
+    dtype), else left in an unspecified state. CPU with the C library: one cache-resident pass per row (no fp32
+    copy of the chunk); elsewhere torch ops (fp32 copy, in-place exp)."""
+    if logits.device.type == "cpu" and logits.is_contiguous() and native.available() and \
+            logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return native.cross_entropy_rows_(logits, y, grad).double().sum().float()
+    lf = logits.float()  # (n, V); the same tensor when already fp32
+    target = lf.gather(1, y[:, None]).squeeze(1)  # (n,)
+    mx = lf.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = lf.sub_(mx).exp_()  # exp(logits - max), in place
+    total = e.sum(dim=-1)  # (n,)
+    loss = (total.log() + mx.squeeze(1) - target).sum()  # logsumexp - target logit
+    if grad:
+        p = e.div_(total[:, None])  # softmax
+        p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+        if p.data_ptr() != logits.data_ptr():
+            logits.copy_(p)
+    return loss

@@ -308,3 +308,48 @@ def test_lora_sum_matches_torch_arithmetic(dtype, shape, monkeypatch):
     torch.testing.assert_close(res[0][0].double(), y0.double() + 0.37 * d0.double(), rtol=2e-7, atol=1e-6)
     with pytest.raises(ValueError, match="share shape and dtype"):
         ops.lora_sum(y0, d0.float() if dtype != torch.float32 else d0.half(), 0.5)
+
+
+def _ce_reference(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 loss sum and softmax - onehot."""
+    l64 = logits.double()
+    loss = torch.nn.functional.cross_entropy(l64, y, reduction="sum")
+    g = torch.softmax(l64, dim=-1)
+    g[torch.arange(len(y)), y] -= 1.0
+    return loss, g
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 33), (17, 32001)])
+def test_cross_entropy_rows_against_float64(native_on, dtype, tol, shape, monkeypatch):
+    if native_on and not native.available():
+        pytest.skip("no C compiler")
+    if not native_on:
+        monkeypatch.setattr(native, "available", lambda: False)
+    g = torch.Generator().manual_seed(shape[1])
+    logits = (torch.randn(shape, generator=g) * 6).to(dtype)
+    y = torch.randint(0, shape[1], (shape[0],), generator=g)
+    ref_loss, ref_grad = _ce_reference(logits, y)
+    work = logits.clone()
+    loss = ops.cross_entropy_rows_(work, y, grad=True)
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and work.dtype == dtype
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * max(1.0, abs(ref_loss.item()))
+    # d loss / d logits in the logits' dtype: within its rounding of the float64 value (and 1e-7 absolute)
+    err = (work.double() - ref_grad).abs() / (ref_grad.abs() + 1e-7 / tol)
+    assert err.max().item() <= tol, err.max().item()
+    nograd = logits.clone()
+    assert ops.cross_entropy_rows_(nograd, y, grad=False).item() == loss.item()
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+def test_cross_entropy_rows_non_finite_gives_nan():
+    logits = torch.randn(4, 50)
+    logits[1, 3] = float("nan")
+    logits[2, 7] = float("inf")
+    y = torch.tensor([0, 1, 2, 3])
+    assert torch.isnan(native.cross_entropy_rows_(logits.clone(), y, False)[1:3]).all()
+    assert torch.isfinite(native.cross_entropy_rows_(logits.clone(), y, False)[[0, 3]]).all()
+    assert torch.isnan(ops.cross_entropy_rows_(logits.clone(), y, True))
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        native.cross_entropy_rows_(torch.randn(3, 4, 5), y[:3], False)
