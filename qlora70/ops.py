@@ -323,3 +323,63 @@ def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> to
         if p.data_ptr() != logits.data_ptr():
             logits.copy_(p)
     return loss
+
+
+# ---- RMSNorm and SwiGLU: one fused pass each way on the CPU -----------------------------------------------------------
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) over the last dim (fp32). Saves x and r [rows]. Backward, with
+    xhat = x r and gw = g w:  dL/dx = r (gw - xhat * mean(gw * xhat)),  dL/dw = sum_rows g * xhat."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        y, rstd = native.rmsnorm_forward(x, w.detach().contiguous(), eps)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w, rstd = ctx.saved_tensors
+        g = g.contiguous().float()
+        dx = native.rmsnorm_backward(x, w.detach().contiguous(), rstd, g)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            xhat = x.reshape(-1, x.shape[-1]) * rstd[:, None]
+            dw = (g.reshape(-1, x.shape[-1]) * xhat).sum(0).to(w.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (HF Llama's): normalized in fp32, cast back to x's dtype, times the weight. fp32 CPU tensors with the
+    C library: `RMSNormFunction` (one pass forward, one backward, instead of ~6 + ~8 torch ops)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and \
+            native.available() and weight.shape == x.shape[-1:]:
+        return RMSNormFunction.apply(x, weight, float(eps))
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """y = silu(a) * b; saves a and b. Backward, with s = sigmoid(a): dL/db = g * a s,
+    dL/da = g * b * s (1 + a (1 - s))."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b)
+        return native.swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, b = ctx.saved_tensors
+        return native.swiglu_backward(a, b, g.contiguous().to(a.dtype))
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (Llama's MLP gate). CPU fp32/bf16 tensors of one shape and dtype with the C library:
+    `SwiGLUFunction` (one pass each way); else torch's F.silu(a) * b."""
+    if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16) and \
+            a.shape == b.shape and native.available():
+        return SwiGLUFunction.apply(a, b)
+    return torch.nn.functional.silu(a) * b

@@ -353,3 +353,59 @@ def test_cross_entropy_rows_non_finite_gives_nan():
     assert torch.isnan(ops.cross_entropy_rows_(logits.clone(), y, True))
     with pytest.raises(ValueError, match="logits must be 2-D"):
         native.cross_entropy_rows_(torch.randn(3, 4, 5), y[:3], False)
+
+
+def _grads(fn, inputs, gout, need=None):
+    need = [True] * len(inputs) if need is None else need
+    ins = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, need)]
+    out = fn(*ins)
+    out.backward(gout.to(out.dtype))
+    return out.detach(), [t.grad for t in ins]
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 576), (4, 2049)])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_against_float64(native_on, shape, train_weight, monkeypatch):
+    if native_on and not native.available():
+        pytest.skip("no C compiler")
+    if not native_on:
+        monkeypatch.setattr(native, "available", lambda: False)
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    gout = torch.randn(shape, generator=g)
+
+    def ref(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    y, (dx, dw) = _grads(lambda x, w: ops.rms_norm(x, w, 1e-5), [x, w], gout, need=[True, train_weight])
+    y64, (dx64, dw64) = _grads(ref, [x.double(), w.double()], gout.double())
+    assert y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-4, atol=1e-5)
+    if train_weight:
+        torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-4)
+    else:
+        assert dw is None
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 65537)])
+def test_swiglu_against_float64(native_on, dtype, tol, shape, monkeypatch):
+    if native_on and not native.available():
+        pytest.skip("no C compiler")
+    if not native_on:
+        monkeypatch.setattr(native, "available", lambda: False)
+    g = torch.Generator().manual_seed(shape[-1])
+    a = (torch.randn(shape, generator=g) * 4).to(dtype)
+    a.view(-1)[:1] = -100.0  # deep in the negative tail: silu ~ -0 and its gradient ~ 0, no NaN
+    b = torch.randn(shape, generator=g).to(dtype)
+    gout = torch.randn(shape, generator=g)
+    y, (da, db) = _grads(ops.swiglu, [a, b], gout)
+    y64, (da64, db64) = _grads(lambda a, b: torch.nn.functional.silu(a) * b, [a.double(), b.double()],
+                               gout.to(dtype).double())
+    assert y.dtype == da.dtype == db.dtype == dtype
+    for got, want in ((y, y64), (da, da64), (db, db64)):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 1e-2)

@@ -1,4 +1,6 @@
-/* NF4 quantize / dequantize on the CPU: the same numbers as the pure-torch reference in qlora70/nf4.py, bit for bit.
+/* NF4 quantize / dequantize on the CPU: the same numbers as the pure-torch reference in qlora70/nf4.py, bit for bit;
+ * and the fused elementwise / row kernels of CPU training (seeded dropout, the LoRA fp32 sum, cross-entropy rows,
+ * RMSNorm, SwiGLU), each the reference of a torch formulation in qlora70/ops.py.
  *
  * Built at first use by qlora70/native.py (`cc -O3 -march=native -shared`), loaded with ctypes; no Python or torch
  * headers. Every function works on a block range [b0, b1) so the caller can split the work across threads (ctypes
@@ -367,10 +369,82 @@ DEFINE_CE(ce_f32, float, ID_F32, STORE_F32)
 DEFINE_CE(ce_bf16, uint16_t, LOAD_BF16, STORE_BF16)
 DEFINE_CE(ce_f16, uint16_t, LOAD_F16, STORE_F16)
 
+/* ---- RMSNorm over rows of D fp32 values: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) (torch's order of
+ * roundings; the mean from fp32 SIMD partial sums of 1024 combined in fp64). Backward, with xhat = x * r and
+ * gw = g * w:  dx = r * (gw - xhat * sum(gw * xhat) / D)  (dL/dw = sum over rows of g * xhat is left to torch). */
+static float row_mean_sq(const float *x, int64_t D) {
+    double total = 0.0;
+    for (int64_t v0 = 0; v0 < D; v0 += 1024) {
+        const int64_t v1 = v0 + 1024 < D ? v0 + 1024 : D;
+        float part = 0.0f;
+        _Pragma("omp simd reduction(+:part)")
+        for (int64_t v = v0; v < v1; ++v) part += x[v] * x[v];
+        total += part;
+    }
+    return (float)(total / (double)D);
+}
+
+static void rmsnorm_fwd_rows(const float *x, const float *w, float *y, float *rstd, int64_t D, float eps,
+                             int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * D;
+        float *yr = y + r * D;
+        const float rs = 1.0f / sqrtf(row_mean_sq(xr, D) + eps);
+        rstd[r] = rs;
+        _Pragma("omp simd")
+        for (int64_t v = 0; v < D; ++v) yr[v] = w[v] * (xr[v] * rs);
+    }
+}
+
+static void rmsnorm_bwd_rows(const float *x, const float *w, const float *rstd, const float *g, float *dx,
+                             int64_t D, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * D, *gr = g + r * D;
+        float *dr = dx + r * D;
+        const float rs = rstd[r];
+        double total = 0.0;
+        for (int64_t v0 = 0; v0 < D; v0 += 1024) {
+            const int64_t v1 = v0 + 1024 < D ? v0 + 1024 : D;
+            float part = 0.0f;
+            _Pragma("omp simd reduction(+:part)")
+            for (int64_t v = v0; v < v1; ++v) part += (gr[v] * w[v]) * (xr[v] * rs);
+            total += part;
+        }
+        const float c = (float)(total / (double)D);
+        _Pragma("omp simd")
+        for (int64_t v = 0; v < D; ++v) dr[v] = rs * (gr[v] * w[v] - (xr[v] * rs) * c);
+    }
+}
+
+/* ---- SwiGLU: y = silu(a) * b, silu(a) = a * sigmoid(a); backward: db = dy * silu(a),
+ * da = dy * b * s * (1 + a * (1 - s)) with s = sigmoid(a) (exp_neg of -|a|; fp32 arithmetic, any of f32/bf16). */
+static inline float sigmoid_f(float a) {
+    const float e = exp_neg(a < 0.0f ? a : -a);  /* exp(-|a|) in (0, 1] */
+    return a >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+#define DEFINE_SWIGLU(NAME_F, NAME_B, T, LOAD, STORE)                                                                \
+    static void NAME_F(const T *a, const T *b, T *y, int64_t i0, int64_t i1) {                                       \
+        _Pragma("omp simd")                                                                                          \
+        for (int64_t i = i0; i < i1; ++i) {                                                                          \
+            const float av = LOAD(a[i]);                                                                             \
+            y[i] = STORE((av * sigmoid_f(av)) * LOAD(b[i]));                                                         \
+        }                                                                                                            \
+    }                                                                                                                \
+    static void NAME_B(const T *a, const T *b, const T *dy, T *da, T *db, int64_t i0, int64_t i1) {                  \
+        _Pragma("omp simd")                                                                                          \
+        for (int64_t i = i0; i < i1; ++i) {                                                                          \
+            const float av = LOAD(a[i]), bv = LOAD(b[i]), g = LOAD(dy[i]), sg = sigmoid_f(av);                       \
+            db[i] = STORE(g * (av * sg));                                                                            \
+            da[i] = STORE(g * bv * (sg * (1.0f + av * (1.0f - sg))));                                                \
+        }                                                                                                            \
+    }
+DEFINE_SWIGLU(swiglu_f32, swiglu_bwd_f32, float, ID_F32, STORE_F32)
+DEFINE_SWIGLU(swiglu_bf16, swiglu_bwd_bf16, uint16_t, LOAD_BF16, STORE_BF16)
+
 /* ---- threads: each entry point below splits [0, n_blocks) into `nthreads` contiguous ranges, runs the first
  * nthreads - 1 on new pthreads and the last on the calling thread (which ctypes has released from the GIL). -------- */
 enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16,
-       K_DROP, K_ADD, K_ADDG, K_CE };
+       K_DROP, K_ADD, K_ADDG, K_CE, K_RMS, K_RMSB, K_SWI, K_SWIB };
 typedef struct {
     int kind;
     const void *x;          /* packed bytes (dequant) or the input weight (absmax, quant) */
@@ -383,7 +457,23 @@ typedef struct {
     float scale;
     const void *x2;         /* LoRA sum: d; its backward: gd (out2) */
     void *out2;
+    const void *x3;         /* RMSNorm backward: g; SwiGLU backward: dy */
 } job_t;
+
+static void run_rms_swi(const job_t *j) {
+    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    switch (j->kind) {
+    case K_RMS: rmsnorm_fwd_rows(j->x, j->f0, j->out, j->out2, j->bs, j->scale, j->b0, j->b1); break;
+    case K_RMSB: rmsnorm_bwd_rows(j->x, j->f0, j->f1, j->x3, j->out, j->bs, j->b0, j->b1); break;
+    case K_SWI:
+        if (j->pad == 0) swiglu_f32(j->x, j->x2, j->out, i0, i1); else swiglu_bf16(j->x, j->x2, j->out, i0, i1);
+        break;
+    case K_SWIB:
+        if (j->pad == 0) swiglu_bwd_f32(j->x, j->x2, j->x3, j->out, j->out2, i0, i1);
+        else swiglu_bwd_bf16(j->x, j->x2, j->x3, j->out, j->out2, i0, i1);
+        break;
+    }
+}
 
 static void run_ce(job_t *j) {
     float *e = malloc((size_t)j->bs * sizeof(float));  /* one row of exp values (bs = V) */
@@ -440,6 +530,7 @@ static void run_job(job_t *j) {
     case K_DROP: run_drop(j); break;
     case K_ADD: case K_ADDG: run_add(j); break;
     case K_CE: run_ce(j); break;
+    case K_RMS: case K_RMSB: case K_SWI: case K_SWIB: run_rms_swi(j); break;
     }
 }
 
@@ -529,6 +620,35 @@ int64_t ce_rows(void *logits, const int64_t *y, float *loss, int64_t n, int64_t 
     return run_parallel(j, n, nthreads);
 }
 
+/* RMSNorm of `rows` rows of D fp32 values (bs = D: the job's blocks are rows): y and rstd [rows]. */
+void rmsnorm_forward(const float *x, const float *w, float *y, float *rstd, int64_t rows, int64_t D, float eps,
+                     int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_RMS; j.x = x; j.f0 = w; j.out = y; j.out2 = rstd; j.n = rows * D; j.bs = D; j.scale = eps;
+    run_parallel(j, rows, nthreads);
+}
+
+void rmsnorm_backward(const float *x, const float *w, const float *rstd, const float *g, float *dx, int64_t rows,
+                      int64_t D, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_RMSB; j.x = x; j.f0 = w; j.f1 = rstd; j.x3 = g; j.out = dx; j.n = rows * D; j.bs = D;
+    run_parallel(j, rows, nthreads);
+}
+
+/* SwiGLU over n elements of kind 0 f32 / 1 bf16 (a, b, y, dy, da, db all of that kind). */
+void swiglu_forward(const void *a, const void *b, void *y, int64_t n, int64_t kind, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_SWI; j.x = a; j.x2 = b; j.out = y; j.n = n; j.bs = 1 << 16; j.pad = kind;
+    run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
+}
+
+void swiglu_backward(const void *a, const void *b, const void *dy, void *da, void *db, int64_t n, int64_t kind,
+                     int64_t nthreads) {
+    job_t j = {0};
+    j.kind = K_SWIB; j.x = a; j.x2 = b; j.x3 = dy; j.out = da; j.out2 = db; j.n = n; j.bs = 1 << 16; j.pad = kind;
+    run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
+}
+
 /* Ask Linux to back the 2 MiB-aligned interior of a fresh output buffer with transparent huge pages (where THP is in
  * "madvise" or "always" mode): first-touch page faults drop 512-fold, which is most of the cost of writing a freshly
  * allocated 32 MiB tensor. Returns madvise's result, or -1 where not supported; harmless either way. */
@@ -548,4 +668,4 @@ int nf4_advise_hugepages(void *p, int64_t nbytes) {
 void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
 void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
-int nf4_abi_version(void) { return 7; }
+int nf4_abi_version(void) { return 8; }
