@@ -64,13 +64,6 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd), cos/sin (B, T, hd) -> x rotated: x*cos + rotate_half(x)*sin."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class KVCache:
     """Preallocated keys/values of every layer: k, v (L, B, KV, max_len, hd). Positions [0, start_pos + T) are valid
     after a forward at `start_pos` with T new tokens. `doc` (B, max_len) holds the keys' document ids once a forward
@@ -113,10 +106,12 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        dt = x.dtype  # q and k leave RoPE in the dtype SDPA computes in (autocast's, else the model's)
+        if dt != torch.float64 and torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+        q = ops.rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin, dt)  # (B, H, T, hd)
+        k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, dt)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, KV, S, hd), S = start_pos + T
         causal = mask is None and q.shape[2] == k.shape[2] and T > 1

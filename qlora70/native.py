@@ -44,7 +44,7 @@ import torch
 from .io import atomic_path, atomic_write_json
 
 _SRC = Path(__file__).with_name("csrc") / "nf4_cpu.c"
-_ABI = 8
+_ABI = 9
 _OUT_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as in nf4_cpu.c
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_ELEMENTS_PER_THREAD = 1 << 20  # below this a second thread costs more than it saves
@@ -157,7 +157,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.rmsnorm_backward.argtypes = [p, p, p, p, p, i64, i64, i64]
     lib.swiglu_forward.argtypes = [p, p, p, i64, i64, i64]
     lib.swiglu_backward.argtypes = [p, p, p, p, p, i64, i64, i64]
-    for name in ("rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward"):
+    lib.rope.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64]
+    for name in ("rmsnorm_forward", "rmsnorm_backward", "swiglu_forward", "swiglu_backward", "rope"):
         getattr(lib, name).restype = None
     lib.nf4_advise_hugepages.argtypes = [p, i64]
     lib.nf4_advise_hugepages.restype = ctypes.c_int
@@ -410,6 +411,28 @@ def swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple
     lib.swiglu_backward(a.data_ptr(), b.data_ptr(), dy.data_ptr(), da.data_ptr(), db.data_ptr(), a.numel(),
                         _IN_KIND[a.dtype], _threads(a.numel()))
     return da, db
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype,
+         backward: bool = False) -> torch.Tensor:
+    """Rotary embedding fused with the head transpose: x (B, T, H, hd) fp32 -> (B, H, T, hd) in out_dtype; with
+    `backward`, x is the gradient (B, H, T, hd) (any of f32/bf16/f16) and the result dx (B, T, H, hd) fp32.
+    cos, sin: (B, T, hd) fp32 contiguous (rotate-half layout)."""
+    lib = _require()
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"native rope: x must be 4-D with an even head dim, got {tuple(x.shape)}")
+    b, t, h, hd = (x.shape[0], x.shape[2], x.shape[1], x.shape[3]) if backward else tuple(x.shape)
+    kind = x.dtype if backward else out_dtype
+    if kind not in _IN_KIND or (not backward and x.dtype != torch.float32):
+        raise ValueError(f"native rope: unsupported dtypes {x.dtype} -> {out_dtype}")
+    for name, c in (("x", x), ("cos", cos), ("sin", sin)):
+        _cpu_contig(c, name)
+    if cos.shape != (b, t, hd) or sin.shape != cos.shape or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"native rope: cos/sin must be fp32 ({b}, {t}, {hd}), got {cos.dtype} {tuple(cos.shape)}")
+    y = torch.empty((b, t, h, hd) if backward else (b, h, t, hd), dtype=torch.float32 if backward else out_dtype)
+    lib.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), b, t, h, hd, _IN_KIND[kind], int(backward),
+             _threads(x.numel()))
+    return y
 
 
 def _conv(name: str, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -383,3 +383,36 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             a.shape == b.shape and native.available():
         return SwiGLUFunction.apply(a, b)
     return torch.nn.functional.silu(a) * b
+
+
+# ---- rotary embedding fused with the head transpose (and, under autocast, the cast SDPA would do) ---------------------
+class RoPEFunction(torch.autograd.Function):
+    """x (B, T, H, hd) -> rotate-half RoPE, as (B, H, T, hd) in out_dtype. A rotation per pair: backward applies the
+    transposed rotation to the gradient (dx_i = dy_i c_i + dy_{i+h} s_{i+h}, dx_{i+h} = dy_{i+h} c_{i+h} - dy_i s_i).
+    cos/sin are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return native.rope(x.contiguous(), cos, sin, out_dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return native.rope(g.contiguous(), cos, sin, torch.float32, backward=True), None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """HF Llama's rotary embedding of x (B, T, H, hd) with cos, sin (B, T, hd), returned as (B, H, T, hd) in
+    `out_dtype` (default x.dtype; under autocast pass its dtype: SDPA would cast to it anyway). fp32 CPU tensors
+    with the C library: `RoPEFunction` (rotation, transpose and cast in one pass); else torch ops."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if x.device.type == "cpu" and x.dtype == torch.float32 and cos.dtype == torch.float32 and \
+            sin.dtype == torch.float32 and out_dtype in (torch.float32, torch.bfloat16, torch.float16) and \
+            x.shape[-1] % 2 == 0 and native.available():
+        return RoPEFunction.apply(x, cos, sin, out_dtype)
+    x = x.transpose(1, 2)  # (B, H, T, hd)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * c + torch.cat((-x2, x1), dim=-1) * s).to(out_dtype)

@@ -409,3 +409,34 @@ def test_swiglu_against_float64(native_on, dtype, tol, shape, monkeypatch):
     assert y.dtype == da.dtype == db.dtype == dtype
     for got, want in ((y, y64), (da, da64), (db, db64)):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("out_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 5, 3, 8), (3, 17, 4, 64)])
+def test_rope_against_float64(native_on, out_dtype, tol, shape, monkeypatch):
+    """RoPE (rotate-half) with the head transpose: (B, T, H, hd) -> (B, H, T, hd), values and gradient."""
+    if native_on and not native.available():
+        pytest.skip("no C compiler")
+    if not native_on:
+        monkeypatch.setattr(native, "available", lambda: False)
+    from qlora70.model import rope_cos_sin
+
+    B, T, H, hd = shape
+    g = torch.Generator().manual_seed(T * hd)
+    x = torch.randn(shape, generator=g) * 2
+    pos = torch.randint(0, 4096, (B, T), generator=g)
+    cos, sin = rope_cos_sin(pos, hd, 10000.0, torch.float32)
+    gout = torch.randn(B, H, T, hd, generator=g)
+
+    def ref(x):
+        xt = x.transpose(1, 2)
+        x1, x2 = xt.chunk(2, dim=-1)
+        c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+        return xt * c + torch.cat((-x2, x1), dim=-1) * s
+
+    y, (dx,) = _grads(lambda x: ops.rope(x, cos, sin, out_dtype), [x], gout)
+    y64, (dx64,) = _grads(ref, [x.double()], gout.to(out_dtype).double())
+    assert y.shape == (B, H, T, hd) and y.dtype == out_dtype and dx.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5)

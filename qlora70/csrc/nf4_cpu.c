@@ -1,6 +1,6 @@
 /* NF4 quantize / dequantize on the CPU: the same numbers as the pure-torch reference in qlora70/nf4.py, bit for bit;
  * and the fused elementwise / row kernels of CPU training (seeded dropout, the LoRA fp32 sum, cross-entropy rows,
- * RMSNorm, SwiGLU), each the reference of a torch formulation in qlora70/ops.py.
+ * RMSNorm, SwiGLU, rotary embedding), each the reference of a torch formulation in qlora70/ops.py.
  *
  * Built at first use by qlora70/native.py (`cc -O3 -march=native -shared`), loaded with ctypes; no Python or torch
  * headers. Every function works on a block range [b0, b1) so the caller can split the work across threads (ctypes
@@ -441,10 +441,56 @@ static inline float sigmoid_f(float a) {
 DEFINE_SWIGLU(swiglu_f32, swiglu_bwd_f32, float, ID_F32, STORE_F32)
 DEFINE_SWIGLU(swiglu_bf16, swiglu_bwd_bf16, uint16_t, LOAD_BF16, STORE_BF16)
 
+/* ---- rotary embedding (HF rotate-half) fused with the head transpose: x (B, T, H, hd) fp32 -> y (B, H, T, hd)
+ * in y's kind, y[..i] = x_i c_i - x_{i+h} s_i, y[..i+h] = x_{i+h} c_{i+h} + x_i s_{i+h} (h = hd / 2; cos, sin
+ * (B, T, hd) fp32; the products and the sum rounded in fp32, as torch's x * cos + rotate_half(x) * sin). Backward
+ * (the transposed rotation): dy (B, H, T, hd) -> dx (B, T, H, hd) fp32, dx_i = dy_i c_i + dy_{i+h} s_{i+h},
+ * dx_{i+h} = dy_{i+h} c_{i+h} - dy_i s_i. Blocks are (b, t) rows of H heads. */
+#define DEFINE_ROPE(NAME_F, NAME_B, T, LOAD, STORE)                                                                  \
+    static void NAME_F(const float *x, const float *cs, const float *sn, T *y, int64_t Tn, int64_t H, int64_t hd,   \
+                       int64_t r0, int64_t r1) {                                                                     \
+        const int64_t h2 = hd / 2;                                                                                   \
+        for (int64_t r = r0; r < r1; ++r) {                                                                          \
+            const int64_t b = r / Tn, t = r % Tn;                                                                    \
+            const float *c = cs + r * hd, *s = sn + r * hd;                                                          \
+            for (int64_t h = 0; h < H; ++h) {                                                                        \
+                const float *xr = x + (r * H + h) * hd;                                                              \
+                T *yr = y + ((b * H + h) * Tn + t) * hd;                                                             \
+                _Pragma("omp simd")                                                                                  \
+                for (int64_t i = 0; i < h2; ++i) {                                                                   \
+                    const float x1 = xr[i], x2 = xr[i + h2];                                                         \
+                    yr[i] = STORE(x1 * c[i] + (-x2) * s[i]);                                                         \
+                    yr[i + h2] = STORE(x2 * c[i + h2] + x1 * s[i + h2]);                                             \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }                                                                                                                \
+    static void NAME_B(const T *dy, const float *cs, const float *sn, float *dx, int64_t Tn, int64_t H, int64_t hd, \
+                       int64_t r0, int64_t r1) {                                                                     \
+        const int64_t h2 = hd / 2;                                                                                   \
+        for (int64_t r = r0; r < r1; ++r) {                                                                          \
+            const int64_t b = r / Tn, t = r % Tn;                                                                    \
+            const float *c = cs + r * hd, *s = sn + r * hd;                                                          \
+            for (int64_t h = 0; h < H; ++h) {                                                                        \
+                const T *gr = dy + ((b * H + h) * Tn + t) * hd;                                                      \
+                float *dr = dx + (r * H + h) * hd;                                                                   \
+                _Pragma("omp simd")                                                                                  \
+                for (int64_t i = 0; i < h2; ++i) {                                                                   \
+                    const float g1 = LOAD(gr[i]), g2 = LOAD(gr[i + h2]);                                             \
+                    dr[i] = g1 * c[i] + g2 * s[i + h2];                                                              \
+                    dr[i + h2] = g2 * c[i + h2] + (-g1) * s[i];                                                      \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+DEFINE_ROPE(rope_f32, rope_bwd_f32, float, ID_F32, STORE_F32)
+DEFINE_ROPE(rope_bf16, rope_bwd_bf16, uint16_t, LOAD_BF16, STORE_BF16)
+DEFINE_ROPE(rope_f16, rope_bwd_f16, uint16_t, LOAD_F16, STORE_F16)
+
 /* ---- threads: each entry point below splits [0, n_blocks) into `nthreads` contiguous ranges, runs the first
  * nthreads - 1 on new pthreads and the last on the calling thread (which ctypes has released from the GIL). -------- */
 enum { K_DQ_F32, K_DQ_F64, K_DQ_BF16, K_DQ_F16, K_AM_F32, K_AM_BF16, K_AM_F16, K_Q_F32, K_Q_BF16, K_Q_F16,
-       K_DROP, K_ADD, K_ADDG, K_CE, K_RMS, K_RMSB, K_SWI, K_SWIB };
+       K_DROP, K_ADD, K_ADDG, K_CE, K_RMS, K_RMSB, K_SWI, K_SWIB, K_ROPE, K_ROPEB };
 typedef struct {
     int kind;
     const void *x;          /* packed bytes (dequant) or the input weight (absmax, quant) */
@@ -459,6 +505,19 @@ typedef struct {
     void *out2;
     const void *x3;         /* RMSNorm backward: g; SwiGLU backward: dy */
 } job_t;
+
+static void run_rope(const job_t *j) {
+    const int64_t Tn = j->pad >> 32, H = (j->pad >> 4) & 0xFFFFFFF, kind = j->pad & 15, hd = j->bs;
+    if (j->kind == K_ROPE) {
+        if (kind == 0) rope_f32(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+        else if (kind == 1) rope_bf16(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+        else rope_f16(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+    } else {
+        if (kind == 0) rope_bwd_f32(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+        else if (kind == 1) rope_bwd_bf16(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+        else rope_bwd_f16(j->x, j->f0, j->f1, j->out, Tn, H, hd, j->b0, j->b1);
+    }
+}
 
 static void run_rms_swi(const job_t *j) {
     const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
@@ -531,6 +590,7 @@ static void run_job(job_t *j) {
     case K_ADD: case K_ADDG: run_add(j); break;
     case K_CE: run_ce(j); break;
     case K_RMS: case K_RMSB: case K_SWI: case K_SWIB: run_rms_swi(j); break;
+    case K_ROPE: case K_ROPEB: run_rope(j); break;
     }
 }
 
@@ -649,6 +709,16 @@ void swiglu_backward(const void *a, const void *b, const void *dy, void *da, voi
     run_parallel(j, (n + j.bs - 1) / j.bs, nthreads);
 }
 
+/* Rotary embedding of x (B, T, H, hd) fp32 into y (B, H, T, hd) of `kind` (0 f32, 1 bf16, 2 f16), and back:
+ * `backward` = 0 or 1; then x is dy (B, H, T, hd) of `kind` and y is dx (B, T, H, hd) fp32. */
+void rope(const void *x, const float *cs, const float *sn, void *y, int64_t B, int64_t Tn, int64_t H, int64_t hd,
+          int64_t kind, int64_t backward, int64_t nthreads) {
+    job_t j = {0};
+    j.kind = backward ? K_ROPEB : K_ROPE; j.x = x; j.f0 = cs; j.f1 = sn; j.out = y; j.n = B * Tn * H * hd;
+    j.bs = hd; j.pad = (Tn << 32) | (H << 4) | kind;
+    run_parallel(j, B * Tn, nthreads);
+}
+
 /* Ask Linux to back the 2 MiB-aligned interior of a fresh output buffer with transparent huge pages (where THP is in
  * "madvise" or "always" mode): first-touch page faults drop 512-fold, which is most of the cost of writing a freshly
  * allocated 32 MiB tensor. Returns madvise's result, or -1 where not supported; harmless either way. */
@@ -668,4 +738,4 @@ int nf4_advise_hugepages(void *p, int64_t nbytes) {
 void conv_f32_to_f16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_f16(x[i]); }
 void conv_f32_to_bf16(const float *x, uint16_t *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f32_to_bf16(x[i]); }
 void conv_f16_to_f32(const uint16_t *x, float *y, int64_t n) { for (int64_t i = 0; i < n; ++i) y[i] = f16_to_f32(x[i]); }
-int nf4_abi_version(void) { return 8; }
+int nf4_abi_version(void) { return 9; }
