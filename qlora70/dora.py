@@ -70,7 +70,7 @@ def fast_weight_norm(base: nn.Module, w_sq: torch.Tensor, lora_A: torch.Tensor, 
 def dora_forward(x: torch.Tensor, y: torch.Tensor, base: nn.Module, lora_A: nn.Linear, lora_B: nn.Linear,
                  magnitude: torch.Tensor, scale: float, dropout: nn.Module, dropout_active: bool,
                  w_sq: torch.Tensor) -> torch.Tensor:
-    """DoRA's output (..., out) in y's dtype, from the base output y = base(x) (bias included).
+    """DoRA's output (..., out) in y's dtype (fp32 under autocast), from the base output y = base(x) (bias included).
 
     x (..., in); magnitude fp32 [out]; w_sq = `weight_sq_norm(base)`; `dropout_active`: whether `dropout` changes x
     (training and p > 0). With mns = m / n (n detached):
@@ -87,17 +87,19 @@ def dora_forward(x: torch.Tensor, y: torch.Tensor, base: nn.Module, lora_A: nn.L
         xd = x
         y0 = y if bias is None else y - bias
     a, b = lora_A.weight, lora_B.weight  # (r, in), (out, r)
-    if torch.is_autocast_enabled(x.device.type):
-        z = y0 + lora_B(lora_A(xd)).mul(scale).to(y0.dtype)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:  # the sum in fp32, and the output fp32, as LoRALinear's (a bf16 sum would erase the small delta)
+        z = ops.lora_sum(y0, lora_B(lora_A(xd)), scale)
     elif y0.dtype != b.dtype:
         z = y0 + (lora_B(lora_A(xd.to(a.dtype))) * scale).to(y0.dtype)
     else:  # one fused op: y0 + s * (x A^T) B^T, the LoRA weights' fp32
         h = lora_A(xd.to(a.dtype))
         z = torch.addmm(y0.reshape(-1, y0.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale).view(y0.shape)
     out = z * mns  # fp32 multiply (mns in bf16 would round the magnitude to ~0.4% steps); in place below: fewer
+    out_dtype = torch.float32 if autocast else y.dtype
     if dropout_active:  # fresh (tokens, out) buffers (mul saves z and mns, not its output)
-        return out.add_(y).sub_(y0).to(y.dtype)
-    return (out if bias is None else out.add_(bias)).to(y.dtype)
+        return out.add_(y).sub_(y0).to(out_dtype)
+    return (out if bias is None else out.add_(bias)).to(out_dtype)
 
 
 @torch.no_grad()

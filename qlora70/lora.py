@@ -8,10 +8,12 @@ the adapter files are PEFT's: `adapter_config.json` + `adapter_model.safetensors
 DoRA (`LoRAConfig(use_dora=True)`, math in `qlora70.dora`) adds a trained magnitude `lora_magnitude_vector` [out]
 (PEFT's name and file key) over the row-normalized W + scale * B A; LoftQ starts live in `qlora70.loftq`.
 
-Speed (CPU): LoRA dropout uses `FastDropout` (same semantics as nn.Dropout, ~4x cheaper mask on CPU), the B
-projection and scale fold into one `addmm`, and `keep_base_outputs_context_fn` lets a checkpointed layer keep its
-frozen base outputs instead of recomputing them (`set_gradient_checkpointing(..., policy="keep_base_outputs")`,
-`qlora70.recompute`). Merged checkpoints are written by `qlora70.checkpoint.save_merged`.
+Speed (CPU): LoRA dropout uses `FastDropout` (nn.Dropout's semantics; a seeded hash mask applied in one fused pass
+and recomputed in backward, never stored), outside autocast the B projection and scale fold into one `addmm`, and
+`keep_base_outputs_context_fn` lets a checkpointed layer keep its frozen base outputs instead of recomputing them
+(`set_gradient_checkpointing(..., policy="keep_base_outputs")`, `qlora70.recompute`). Under autocast the base and
+LoRA matmuls run in the autocast dtype and their sum is formed in fp32 (`qlora70.ops.lora_sum`): a bf16-rounded sum
+would erase most of the small learned delta. Merged checkpoints are written by `qlora70.checkpoint.save_merged`.
 """
 from __future__ import annotations
 

@@ -16,6 +16,11 @@ workspace is read by the matmul right away and never saved for backward (backwar
 Under autocast `nf4_linear` decodes straight to the autocast dtype and casts its input to it (what autocast's matmul
 would do, minus the full-precision decode and the weight cast). `resolve_compute_dtype` turns a config's
 `compute_dtype` ("auto" | "bf16" | "fp32") into the dtype to autocast to, and says why.
+
+The training step's elementwise and row work also dispatches here: `seeded_dropout` (LoRA dropout), `lora_sum` (base
++ scale * delta in fp32), `cross_entropy_rows_`, `rms_norm`, `swiglu`, `rope`. Each is an autograd Function over one
+fused C loop of `qlora70.native` on the CPU (when built), with its torch formulation as the fallback and as the
+reference the tests compare against; on other devices the torch formulation runs.
 """
 from __future__ import annotations
 
