@@ -27,6 +27,9 @@ The model is a sum of named terms, each an explicit formula (bytes):
                   ||W||^2 row norms of the bases (4 bytes per output feature), and in the recomputed layer the fp32
                   combine of each adapted output (B, T, out) plus, with dropout, the base output on the dropped input
                   (B, T, out) in the compute dtype (PEFT's extra matmul); 0 without DoRA
+  lora_fp32_sums  under autocast an adapted linear returns base + LoRA in fp32 (`qlora70.ops.lora_sum`): the q/k
+                  and gate/up outputs kept by RoPE and SwiGLU for backward cost (4 - compute bytes) more per element
+                  in the recomputed layer; 0 in fp32
   logits          chunked cross-entropy: chunk x vocab x 4 bytes x 2 (logits + grad); unchunked B x T x vocab x 6
   allocator_slack 5% of the terms above (the caching allocator's reserved-but-unallocated blocks)
   cuda_context    0.5 GiB: the CUDA context, cuBLAS workspaces and loaded kernels, outside max_memory_reserved
@@ -89,10 +92,14 @@ def _optimizer_bytes(lora_params: int, largest: int, optim_bits: int, placement:
     return (lora_params * state_b if placement == "device" else 2 * largest * state_b) + decode
 
 
+_KEPT_OUTPUTS = ("q_proj", "k_proj", "gate_proj", "up_proj")  # saved by RoPE / SwiGLU for their backward
+
+
 def _activation_terms(cfg: LlamaConfig, shapes: dict[str, tuple[int, int]], B: int, T: int, cb: int, lora_r: int,
                       targets: tuple[str, ...], gradient_checkpointing: bool, offload_checkpoints: bool,
                       lora_dropout: float, ce_chunk: int | None) -> dict[str, float]:
-    """checkpoints, layer_work, lora_dropout and logits (bytes) for B x T tokens; see the module docstring."""
+    """checkpoints, layer_work, lora_dropout, lora_fp32_sums and logits (bytes) for B x T tokens; see the module
+    docstring."""
     terms: dict[str, float] = {}
     L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     act = B * T * D * cb
@@ -111,6 +118,8 @@ def _activation_terms(cfg: LlamaConfig, shapes: dict[str, tuple[int, int]], B: i
     terms["layer_work"] = n_layers_live * per_layer + largest_w * cb + 2 * B * T * cfg.intermediate_size * cb
     dropped = B * T * sum(shapes[t][1] for t in targets)  # elements of the dropped inputs of one layer
     terms["lora_dropout"] = n_layers_live * dropped * (cb + 1) if lora_dropout > 0 else 0.0
+    kept = B * T * sum(shapes[t][0] for t in targets if t in _KEPT_OUTPUTS)  # adapted outputs the next op saves
+    terms["lora_fp32_sums"] = n_layers_live * kept * (4 - cb) if cb < 4 else 0.0
     terms["logits"] = (min(ce_chunk, B * T) * V * 4 * 2) if ce_chunk else B * T * V * (4 + 2)
     return terms
 

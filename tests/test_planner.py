@@ -135,3 +135,19 @@ def test_dora_term():
     assert tiny_plan(use_dora=True, lora_dropout=0.0).terms["dora"] == persistent + 2 * 16 * outs * 4
     assert tiny_plan(use_dora=True, gradient_checkpointing=False).terms["dora"] == persistent + 2 * live
     assert tiny_plan(use_dora=True).total > tiny_plan().total
+
+
+def test_lora_fp32_sums_term():
+    # tiny: q 128, k 32 (2 KV heads x 16... as its config), gate/up 240 outputs; one live layer, B x T = 32 tokens
+    from qlora70.planner import _KEPT_OUTPUTS
+
+    cfg = LlamaConfig.from_name("tiny")
+    outs = {"q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj": cfg.num_key_value_heads * cfg.head_dim,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+    assert set(outs) == set(_KEPT_OUTPUTS)
+    assert tiny_plan().terms["lora_fp32_sums"] == 2 * 16 * sum(outs.values()) * (4 - 2)
+    assert tiny_plan(compute_dtype="fp32").terms["lora_fp32_sums"] == 0
+    assert tiny_plan(gradient_checkpointing=False).terms["lora_fp32_sums"] == \
+        cfg.num_hidden_layers * tiny_plan().terms["lora_fp32_sums"]
+    p70 = plan_memory(LlamaConfig.from_name("llama2-70b"))
+    assert p70.terms["lora_fp32_sums"] == 1024 * (8192 + 1024 + 2 * 28672) * 2  # 136 MB at seq 1024
