@@ -46,8 +46,8 @@ class FastDropout(nn.Module):
     seeded_dropout`) the mask is a hash of one seed drawn from torch's generator and the element index, applied in
     one fused pass (C loop when built) and recomputed in backward, never stored. p is realized to within 2^-33
     (threshold round(p * 2^32)) and the scale uses that exact value, so E[y] = x. Seeding and gradient-checkpoint
-    recomputation (which restores the RNG state) reproduce the mask. Under CPU autocast an fp32 input comes out in
-    the autocast dtype (the cast the LoRA A matmul would do, fused). On CUDA (or with p = 0) it is `F.dropout`.
+    recomputation (which restores the RNG state) reproduce the mask. Under CPU autocast the output is in the
+    autocast dtype (the cast the LoRA A matmul would do, fused). On CUDA (or with p = 0) it is `F.dropout`.
     """
 
     def __init__(self, p: float):
@@ -60,10 +60,7 @@ class FastDropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, True)
-        out = x.dtype
-        if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
-            out = torch.get_autocast_dtype("cpu")
-        return ops.seeded_dropout(x, self.p, out)
+        return ops.seeded_dropout(x, self.p, ops.compute_dtype_of(x))  # the cast lora_A would do, fused
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

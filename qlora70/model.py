@@ -106,9 +106,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
-        dt = x.dtype  # q and k leave RoPE in the dtype SDPA computes in (autocast's, else the model's)
-        if dt != torch.float64 and torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
+        dt = ops.compute_dtype_of(x)  # q and k leave RoPE in the dtype SDPA computes in (autocast's, else x's)
         q = ops.rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin, dt)  # (B, H, T, hd)
         k = ops.rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, dt)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)

@@ -221,6 +221,15 @@ def _cpu_contig(t: torch.Tensor, name: str) -> None:
                          f"contiguous={t.is_contiguous()}")
 
 
+def _same(name: str, dtypes: tuple, *ts: torch.Tensor) -> None:
+    """Contiguous CPU tensors of one shape and one dtype from `dtypes` (the C loops index them flat)."""
+    for t in ts:
+        if t.dtype not in dtypes or t.dtype != ts[0].dtype or t.shape != ts[0].shape:
+            raise ValueError(f"native {name}: tensors must share a shape and a dtype in {dtypes}, got "
+                             f"{[(str(u.dtype), tuple(u.shape)) for u in ts]}")
+        _cpu_contig(t, name)
+
+
 def _f32(t: torch.Tensor, name: str, numel: int) -> torch.Tensor:
     """A small side tensor (code tables, scales) as contiguous fp32 on the CPU, its size checked."""
     if t.device.type != "cpu" or not t.is_floating_point() or t.numel() != numel:
@@ -317,11 +326,7 @@ def lora_sum(y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
     """fp32 y + scale * d (y, d contiguous CPU tensors of one shape and one dtype f32/bf16/f16), one pass; the
     product and the sum each rounded to fp32, as `y.float() + d.float() * scale`."""
     lib = _require()
-    if y.dtype not in _IN_KIND or d.dtype != y.dtype or d.shape != y.shape:
-        raise ValueError(f"native lora_sum: y and d must share a shape and a float32/bfloat16/float16 dtype, got "
-                         f"{y.dtype} {tuple(y.shape)} and {d.dtype} {tuple(d.shape)}")
-    _cpu_contig(y, "y")
-    _cpu_contig(d, "d")
+    _same("lora_sum", tuple(_IN_KIND), y, d)
     out = torch.empty(y.shape, dtype=torch.float32)
     lib.lora_sum(y.data_ptr(), d.data_ptr(), out.data_ptr(), y.numel(), _IN_KIND[y.dtype], scale, _threads(y.numel()))
     return out
@@ -358,15 +363,6 @@ def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> to
     if bad:
         raise MemoryError(f"native cross_entropy: could not allocate a row buffer of {v} floats")
     return loss
-
-
-def _same(name: str, dtypes: tuple, *ts: torch.Tensor) -> None:
-    """Contiguous CPU tensors of one shape and one dtype from `dtypes` (the C loops index them flat)."""
-    for t in ts:
-        if t.dtype not in dtypes or t.dtype != ts[0].dtype or t.shape != ts[0].shape:
-            raise ValueError(f"native {name}: tensors must share a shape and a dtype in {dtypes}, got "
-                             f"{[(str(u.dtype), tuple(u.shape)) for u in ts]}")
-        _cpu_contig(t, name)
 
 
 def rmsnorm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,7 +144,7 @@ def _cpu_weight(q: NF4Weight, dtype: torch.dtype, keep: bool) -> torch.Tensor:
         return dequantize_nf4(q, dtype, out=out)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on x runs in: the autocast dtype when autocast is on for x's device (fp64 is never cast,
     as autocast leaves it), else x's own."""
     dev = x.device.type
@@ -157,7 +157,7 @@ class NF4LinearFunction(torch.autograd.Function):
     """y = x @ W^T + b with W frozen in NF4.
 
     Saves only the packed weight (the NF4Weight is frozen; nothing dense is kept) and dequantizes again in backward.
-    Computes in `_compute_dtype(x)`: under autocast W is decoded straight to the autocast dtype and x cast to it.
+    Computes in `compute_dtype_of(x)`: under autocast W is decoded straight to the autocast dtype and x cast to it.
     Gradients: with y = x W^T + b,  dL/dx = dL/dy W  (shape (M, K) = (M, N) @ (N, K)),  dL/db = sum_M dL/dy.
     W gets no gradient (it is frozen; LoRA adds its own trainable branch outside this Function).
     """
@@ -165,7 +165,7 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight, backend: str) -> torch.Tensor:
         ctx.q, ctx.backend, ctx.has_bias, ctx.x_dtype = q, backend, bias is not None, x.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))  # (M, K); no copy outside autocast
+        x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype_of(x))  # (M, K); no copy outside autocast
         if backend == "triton":
             y = _kernels().linear_forward(x2, q, bias)
         else:  # the forward of a Function records nothing: the workspace is free again once mm returns
@@ -203,6 +203,16 @@ def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None,
     return NF4LinearFunction.apply(x, bias, q, get_backend(x.device, backend))
 
 
+# ---- the fused CPU training loops: one rule for when they run ----------------------------------------------------------
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes nf4_cpu.c's loops read and write
+
+
+def _fused_cpu(*ts: torch.Tensor, dtypes: tuple = _FUSED_DTYPES) -> bool:
+    """Whether the C loops of `qlora70.native` take these tensors: all on the CPU, each dtype in `dtypes`, and the
+    library built (else the torch formulation runs)."""
+    return all(t.device.type == "cpu" and t.dtype in dtypes for t in ts) and native.available()
+
+
 # ---- LoRA dropout: a seeded, stored-nothing mask ---------------------------------------------------------------------
 _M32 = 0xFFFFFFFF
 
@@ -237,8 +247,7 @@ def dropout_keep_reference(n: int, seed: int, threshold: int, device: torch.devi
 def _apply_keep(x: torch.Tensor, seed: int, threshold: int, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """x * (keep ? scale : 0) in out_dtype (fp32 product, one rounding): the C loop when built, else the reference."""
     x, seed = x.contiguous(), seed % 2 ** 64  # the Function carries it signed (int64: the profiler records it)
-    if native.available() and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and \
-            out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if out_dtype in _FUSED_DTYPES and _fused_cpu(x):
         return native.seeded_dropout(x, seed, threshold, scale, out_dtype)
     keep = dropout_keep_reference(x.numel(), seed, threshold).view(x.shape)
     m = torch.where(keep, scale, 0.0).to(torch.float32)
@@ -302,7 +311,7 @@ def lora_sum(y: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
     if y.shape != d.shape or y.dtype != d.dtype:
         raise ValueError(f"lora_sum: y and d must share shape and dtype, got {y.dtype} {tuple(y.shape)} and "
                          f"{d.dtype} {tuple(d.shape)}")
-    if y.device.type == "cpu" and y.dtype in (torch.bfloat16, torch.float16, torch.float32) and native.available():
+    if _fused_cpu(y, d):
         return LoRASumFunction.apply(y, d, float(scale))
     return y.float() + d.float() * scale
 
@@ -313,8 +322,7 @@ def cross_entropy_rows_(logits: torch.Tensor, y: torch.Tensor, grad: bool) -> to
     logits are consumed: with `grad` they are overwritten by d loss / d logits = softmax - onehot(y) (in their own
     dtype), else left in an unspecified state. CPU with the C library: one cache-resident pass per row (no fp32
     copy of the chunk); elsewhere torch ops (fp32 copy, in-place exp)."""
-    if logits.device.type == "cpu" and logits.is_contiguous() and native.available() and \
-            logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if logits.is_contiguous() and _fused_cpu(logits):
         return native.cross_entropy_rows_(logits, y, grad).double().sum().float()
     lf = logits.float()  # (n, V); the same tensor when already fp32
     target = lf.gather(1, y[:, None]).squeeze(1)  # (n,)
@@ -357,8 +365,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (HF Llama's): normalized in fp32, cast back to x's dtype, times the weight. fp32 CPU tensors with the
     C library: `RMSNormFunction` (one pass forward, one backward, instead of ~6 + ~8 torch ops)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and \
-            native.available() and weight.shape == x.shape[-1:]:
+    if weight.shape == x.shape[-1:] and _fused_cpu(x, weight, dtypes=(torch.float32,)):
         return RMSNormFunction.apply(x, weight, float(eps))
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -384,8 +391,7 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b (Llama's MLP gate). CPU fp32/bf16 tensors of one shape and dtype with the C library:
     `SwiGLUFunction` (one pass each way); else torch's F.silu(a) * b."""
-    if a.device.type == "cpu" and a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16) and \
-            a.shape == b.shape and native.available():
+    if a.dtype == b.dtype and a.shape == b.shape and _fused_cpu(a, b, dtypes=(torch.float32, torch.bfloat16)):
         return SwiGLUFunction.apply(a, b)
     return torch.nn.functional.silu(a) * b
 
@@ -413,9 +419,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch
     `out_dtype` (default x.dtype; under autocast pass its dtype: SDPA would cast to it anyway). fp32 CPU tensors
     with the C library: `RoPEFunction` (rotation, transpose and cast in one pass); else torch ops."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if x.device.type == "cpu" and x.dtype == torch.float32 and cos.dtype == torch.float32 and \
-            sin.dtype == torch.float32 and out_dtype in (torch.float32, torch.bfloat16, torch.float16) and \
-            x.shape[-1] % 2 == 0 and native.available():
+    if out_dtype in _FUSED_DTYPES and x.shape[-1] % 2 == 0 and _fused_cpu(x, cos, sin, dtypes=(torch.float32,)):
         return RoPEFunction.apply(x, cos, sin, out_dtype)
     x = x.transpose(1, 2)  # (B, H, T, hd)
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)

@@ -506,6 +506,12 @@ typedef struct {
     const void *x3;         /* RMSNorm backward: g; SwiGLU backward: dy */
 } job_t;
 
+/* The element range [i0, i1) of a job whose blocks are `bs` elements (the last one partial). */
+static inline void elem_range(const job_t *j, int64_t *i0, int64_t *i1) {
+    *i0 = j->b0 * j->bs;
+    *i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+}
+
 static void run_rope(const job_t *j) {
     const int64_t Tn = j->pad >> 32, H = (j->pad >> 4) & 0xFFFFFFF, kind = j->pad & 15, hd = j->bs;
     if (j->kind == K_ROPE) {
@@ -520,7 +526,8 @@ static void run_rope(const job_t *j) {
 }
 
 static void run_rms_swi(const job_t *j) {
-    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    int64_t i0, i1;
+    elem_range(j, &i0, &i1);
     switch (j->kind) {
     case K_RMS: rmsnorm_fwd_rows(j->x, j->f0, j->out, j->out2, j->bs, j->scale, j->b0, j->b1); break;
     case K_RMSB: rmsnorm_bwd_rows(j->x, j->f0, j->f1, j->x3, j->out, j->bs, j->b0, j->b1); break;
@@ -545,7 +552,8 @@ static void run_ce(job_t *j) {
 }
 
 static void run_add(const job_t *j) {
-    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    int64_t i0, i1;
+    elem_range(j, &i0, &i1);
     if (j->kind == K_ADD) {
         if (j->pad == 0) add_f32(j->x, j->x2, j->out, i0, i1, j->scale);
         else if (j->pad == 1) add_bf16(j->x, j->x2, j->out, i0, i1, j->scale);
@@ -558,7 +566,8 @@ static void run_add(const job_t *j) {
 }
 
 static void run_drop(const job_t *j) {
-    const int64_t i0 = j->b0 * j->bs, i1 = (j->b1 * j->bs < j->n) ? j->b1 * j->bs : j->n;
+    int64_t i0, i1;
+    elem_range(j, &i0, &i1);
     const void *x = j->x;
     void *y = j->out;
     switch (j->pad) {
